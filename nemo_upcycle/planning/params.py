@@ -1,0 +1,186 @@
+"""Exact parameter counts of the dense and the upcycled model, in total and per rank.
+
+The counts follow megatron-core's GPTModel for a Llama layer (RMSNorm, no biases, GQA,
+SwiGLU) tensor by tensor, so that they can be compared for equality with real models
+(tests/test_planning.py): a planner that is off by one tensor would also be off in every
+memory figure derived from it.
+
+Per layer (H hidden, F FFN width, n heads, g query groups, d = H/n head dim):
+  attention   qkv (n + 2g)*d*H, proj H*n*d, input norm H
+  FFN         pre-MLP norm H, then dense fc1 2F*H + fc2 H*F = 3HF, or MoE: router (E*G)*H
+              and E*G experts of 3*H*(F/G) each (granularity G; E*G*3H*F/G = E*3HF)
+Model: embedding V*H, final norm H, output layer V*H unless embeddings are tied.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from nemo_upcycle.planning.layout import is_moe, moe_layer_flags, stage_layers
+
+
+def head_dim(model: Any) -> int:
+    return model.hidden_size // model.num_attention_heads
+
+
+def attention_params(model: Any, tp: int = 1) -> int:
+    """qkv + output projection of one layer, on one of ``tp`` tensor-parallel ranks."""
+    d = head_dim(model)
+    qkv = (model.num_attention_heads + 2 * model.num_query_groups) * d * model.hidden_size
+    proj = model.hidden_size * model.num_attention_heads * d
+    return (qkv + proj) // tp
+
+
+def norm_params(model: Any) -> int:
+    """One RMSNorm weight; replicated (not split) across tensor-parallel ranks."""
+    return model.hidden_size
+
+
+def dense_ffn_params(model: Any, tp: int = 1) -> int:
+    """SwiGLU fc1 (gate and up, 2F x H) plus fc2 (H x F)."""
+    return 3 * model.hidden_size * model.ffn_hidden_size // tp
+
+
+def fine_experts(moe: Any) -> int:
+    """Experts per MoE layer as megatron-core sees them: E x G."""
+    return moe.num_experts * moe.granularity
+
+
+def expert_params(model: Any, moe: Any, etp: int = 1) -> int:
+    """One (fine-grained) expert of width F/G, on one of ``etp`` expert-tensor-parallel ranks."""
+    return 3 * model.hidden_size * (model.ffn_hidden_size // moe.granularity) // etp
+
+
+def router_params(model: Any, moe: Any) -> int:
+    """The router's (E*G) x H weight, full on every rank (it is data parallel, not sharded)."""
+    return fine_experts(moe) * model.hidden_size
+
+
+def embedding_params(model: Any, tp: int = 1) -> int:
+    return model.vocab_size * model.hidden_size // tp
+
+
+@dataclass
+class ModelParams:
+    """Unique parameters of the whole model (each shared tensor counted once)."""
+
+    total: int
+    active: int  # used for one token: dense parts + top-k experts per MoE layer
+    embedding: int
+    output_layer: int
+    attention: int  # all layers, including the two norms of each layer
+    dense_ffn: int  # FFNs of layers that stay dense
+    experts: int  # all experts of all MoE layers
+    routers: int
+    final_norm: int
+    moe_layers: int
+    dense_layers: int
+    dense_model_total: int  # the dense checkpoint's parameters
+    dense_model_active: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def model_params(cfg: Any) -> ModelParams:
+    model, moe = cfg.model, cfg.moe
+    flags = moe_layer_flags(cfg)
+    n_moe = sum(flags)
+    n_dense = len(flags) - n_moe
+    L = model.num_layers
+    embedding = embedding_params(model)
+    output = 0 if model.tie_embeddings else embedding
+    attention = L * (attention_params(model) + 2 * norm_params(model))
+    dense_ffn = n_dense * dense_ffn_params(model)
+    final_norm = norm_params(model)
+    if is_moe(cfg):
+        experts = n_moe * fine_experts(moe) * expert_params(model, moe)
+        routers = n_moe * router_params(model, moe)
+        # top-k is T*G fine experts of width F/G: the FLOPs and weights of T dense FFNs.
+        active_experts = n_moe * moe.topk * moe.granularity * expert_params(model, moe)
+    else:
+        experts = routers = active_experts = 0
+    shared = embedding + output + attention + dense_ffn + final_norm
+    dense_total = embedding + output + attention + final_norm + L * dense_ffn_params(model)
+    return ModelParams(
+        total=shared + experts + routers,
+        active=shared + routers + active_experts,
+        embedding=embedding,
+        output_layer=output,
+        attention=attention,
+        dense_ffn=dense_ffn,
+        experts=experts,
+        routers=routers,
+        final_norm=final_norm,
+        moe_layers=n_moe,
+        dense_layers=n_dense,
+        dense_model_total=dense_total,
+        dense_model_active=dense_total,
+    )
+
+
+@dataclass
+class RankParams:
+    """Parameters held by one rank of pipeline stage ``pp_rank`` (all its model chunks).
+
+    ``expert`` are the expert weights (replicated over the expert data-parallel group);
+    ``dense`` everything else (replicated over the data-parallel group), routers included.
+    """
+
+    pp_rank: int
+    layers: list[int]
+    moe_layers: int
+    dense: int
+    expert: int
+
+    @property
+    def total(self) -> int:
+        return self.dense + self.expert
+
+    def as_dict(self) -> dict:
+        return dict(asdict(self), total=self.total)
+
+
+def rank_params(cfg: Any, pp_rank: int, tp: int, ep: int, etp: int) -> RankParams:
+    """What megatron-core allocates on one rank of pipeline stage ``pp_rank``.
+
+    Shapes are equal on all tensor/expert ranks of a stage (the layout is validated to
+    divide evenly), so the pipeline rank is the only thing that varies.
+    """
+    model, moe = cfg.model, cfg.moe
+    flags = moe_layer_flags(cfg)
+    chunks = stage_layers(cfg, pp_rank)
+    vpp = len(chunks)
+    last_pp = cfg.parallel.pp - 1
+    dense = expert = n_moe = 0
+    for v, layers in enumerate(chunks):
+        first_chunk = pp_rank == 0 and v == 0
+        last_chunk = pp_rank == last_pp and v == vpp - 1
+        if first_chunk:
+            dense += embedding_params(model, tp)
+        if last_chunk:
+            dense += norm_params(model)
+            # Tied embeddings: megatron allocates the output weight on the last stage unless that
+            # stage also holds the embedding (one stage), and keeps the two in sync.
+            if not model.tie_embeddings or not first_chunk:
+                dense += embedding_params(model, tp)
+        for layer in layers:
+            dense += attention_params(model, tp) + 2 * norm_params(model)
+            if flags[layer]:
+                n_moe += 1
+                dense += router_params(model, moe)
+                expert += fine_experts(moe) // ep * expert_params(model, moe, etp)
+            else:
+                dense += dense_ffn_params(model, tp)
+    return RankParams(
+        pp_rank=pp_rank,
+        layers=[i for layers in chunks for i in layers],
+        moe_layers=n_moe,
+        dense=dense,
+        expert=expert,
+    )
+
+
+def all_rank_params(cfg: Any, layout) -> list[RankParams]:
+    """One entry per pipeline stage (every rank of a stage holds the same counts)."""
+    return [rank_params(cfg, p, layout.tp, layout.ep, layout.etp) for p in range(layout.pp)]

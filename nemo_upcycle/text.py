@@ -1,0 +1,40 @@
+"""Real text as token ids, with the dense model's tokenizer."""
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from nemo_upcycle.assets import heldout_news_text
+
+
+@lru_cache(maxsize=4)
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def encode(text: str, tokenizer_path: Optional[Path], vocab_size: int) -> list[int]:
+    """Token ids; UTF-8 bytes when there is no tokenizer and the vocabulary holds bytes."""
+    if tokenizer_path is not None:
+        return load_tokenizer(str(tokenizer_path))(text, add_special_tokens=False)["input_ids"]
+    if vocab_size < 256:
+        raise ValueError(
+            f"no tokenizer for this model (model.tokenizer is null) and vocab_size={vocab_size} "
+            "cannot hold bytes; set model.tokenizer to a Hugging Face tokenizer folder"
+        )
+    return list(text.encode("utf-8"))
+
+
+def heldout_batch(tokenizer_path: Optional[Path], vocab_size: int, batch: int, seq: int) -> torch.Tensor:
+    """(batch, seq) consecutive windows of held-out news text (gensim's lee_background.cor)."""
+    text = re.sub(r"\s+", " ", heldout_news_text().read_text(encoding="utf-8", errors="replace"))
+    ids = encode(text[: 40 * batch * seq], tokenizer_path, vocab_size)
+    needed = batch * seq
+    if len(ids) < needed:
+        raise ValueError(f"held-out text has {len(ids)} tokens, {needed} needed")
+    return torch.tensor(ids[:needed], dtype=torch.long).view(batch, seq)
