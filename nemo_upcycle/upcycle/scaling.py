@@ -18,7 +18,7 @@ from typing import Any
 def scaling_mode(cfg: Any) -> str:
     """"none", "fc2_granularity" or "cube_root"."""
     moe, router = cfg.moe, cfg.router
-    if moe.weight_scaling == "none":
+    if moe.num_experts == 0 or moe.weight_scaling == "none":
         return "none"
     if moe.weight_scaling == "cube_root":
         return "cube_root"

@@ -91,3 +91,61 @@ def dense_vs_upcycled(overrides: list[str], path: str, seq: int = 32) -> dict:
         "logit_scale": _max_over_world(scale),
         "report": report.as_dict(),
     }
+
+
+_COLLECTIVES = (
+    "all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "all_to_all",
+    "all_to_all_single", "barrier", "batch_isend_irecv", "broadcast", "broadcast_object_list",
+    "gather", "irecv", "isend", "recv", "reduce", "reduce_scatter", "reduce_scatter_tensor",
+    "scatter", "send",
+)
+
+
+def upcycle_traffic(overrides: list[str], path: str) -> dict:
+    """Upcycle at this layout while counting collectives and what was read from disk."""
+    import torch.distributed.distributed_c10d as c10d
+
+    from nemo_upcycle.modeling import build_model_chunks
+    from nemo_upcycle.upcycle.engine import upcycle_from_dense
+    from nemo_upcycle.upcycle.sources import TorchDistCheckpoint
+
+    cfg = _setup(overrides)
+    chunks = build_model_chunks(cfg)
+    source = TorchDistCheckpoint(path)
+    calls: list[str] = []
+    saved = {}
+    for name in _COLLECTIVES:
+        for module in (dist, c10d):
+            original = getattr(module, name, None)
+            if original is None:
+                continue
+            saved[(module, name)] = original
+
+            def counting(*args, _name=name, _original=original, **kwargs):
+                calls.append(_name)
+                return _original(*args, **kwargs)
+
+            setattr(module, name, counting)
+    try:
+        report = upcycle_from_dense(chunks, cfg, source)
+    finally:
+        for (module, name), original in saved.items():
+            setattr(module, name, original)
+
+    # What this rank must hold, counting each dense FFN slice once per layer (G = 1).
+    needed = 0
+    for chunk in chunks:
+        for name, p in chunk.named_parameters():
+            if ".router." in name:
+                continue
+            if ".experts.local_experts." in name and ".local_experts.0." not in name:
+                continue
+            needed += p.numel()
+    total_bytes = sum(info.length for info in source.metadata.storage_data.values())
+    return {
+        "collectives": calls,
+        "elements_read": report.elements_read,
+        "elements_needed": needed,
+        "bytes_read": report.bytes_read,
+        "checkpoint_bytes": total_bytes,
+    }

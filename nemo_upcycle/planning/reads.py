@@ -1,0 +1,56 @@
+"""Bytes each rank reads from the dense checkpoint during online upcycling.
+
+Mirrors :func:`nemo_upcycle.upcycle.plan.build_plan`: a rank reads its shard of every non-FFN
+tensor (embedding and output-layer rows of its tensor-parallel slice, attention slices, the
+replicated norms), the FFN slice of each layer left dense, and for each upcycled layer ONE copy
+of the dense FFN slice per distinct expert slice it holds; its other local experts are copied
+in memory. Routers are initialised, not read. With granularity G, local experts
+``ep_rank*n .. ep_rank*n + n - 1`` (n = E*G/ep) use slices ``expert mod G``: min(n, G) distinct
+slices of width F/G, each split over the etp expert-tensor-parallel ranks.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from nemo_upcycle.planning.layout import Layout, moe_layer_flags, stage_layers
+from nemo_upcycle.planning.params import (
+    attention_params,
+    dense_ffn_params,
+    embedding_params,
+    expert_params,
+    fine_experts,
+    norm_params,
+)
+
+DTYPE_BYTES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp32": 4, "float32": 4}
+
+
+def elements_read(cfg: Any, layout: Layout, pp_rank: int) -> int:
+    """Elements of the dense checkpoint read by one rank of pipeline stage ``pp_rank``."""
+    model, moe = cfg.model, cfg.moe
+    flags = moe_layer_flags(cfg)
+    chunks = stage_layers(cfg, pp_rank)
+    tp = layout.tp
+    total = 0
+    for v, layers in enumerate(chunks):
+        first_chunk = pp_rank == 0 and v == 0
+        last_chunk = pp_rank == layout.pp - 1 and v == len(chunks) - 1
+        if first_chunk:
+            total += embedding_params(model, tp)
+        if last_chunk:
+            total += norm_params(model)
+            # Tied embeddings on another stage: the output layer is read from the embedding.
+            if not model.tie_embeddings or not first_chunk:
+                total += embedding_params(model, tp)
+        for layer in layers:
+            total += attention_params(model, tp) + 2 * norm_params(model)
+            if flags[layer]:
+                local = fine_experts(moe) // layout.ep
+                total += min(local, moe.granularity) * expert_params(model, moe, layout.etp)
+            else:
+                total += dense_ffn_params(model, tp)
+    return total
+
+
+def checkpoint_bytes_per_element(plan: Any) -> int:
+    return DTYPE_BYTES[str(plan.checkpoint_dtype).lower()]

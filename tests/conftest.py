@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny dense and MoE checkpoints saved by real megatron-core models."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from nemo_upcycle.testing.multirank import run_on_ranks
+
+TINY = ["model=tiny_llama"]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny(path: Path | str, *more: str) -> list[str]:
+    return TINY + [f"model.dense_checkpoint={path}", *more]
+
+
+@pytest.fixture(scope="session")
+def tiny_dense_ckpt(tmp_path_factory) -> Path:
+    """A random tiny Llama saved as a torch_dist checkpoint at TP1."""
+    path = tmp_path_factory.mktemp("dense") / "ckpt"
+    run_on_ranks("tests.workers.upcycle_checks:save_dense", 1, timeout_s=180, overrides=tiny(path), path=str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_ckpt(tiny_dense_ckpt, tmp_path_factory) -> Path:
+    """The tiny dense model upcycled to E8T2 with expert noise, saved as an MoE checkpoint."""
+    path = tmp_path_factory.mktemp("moe") / "ckpt"
+    run_on_ranks(
+        "tests.workers.parallel_checks:save_moe_from_dense", 1, timeout_s=180,
+        overrides=tiny(tiny_dense_ckpt), dense_path=str(tiny_dense_ckpt), moe_path=str(path),
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def cache_dir() -> Path:
+    """Where the embedded SmolLM2 import and tokenized data are cached between runs."""
+    path = Path(os.environ.get("NEMO_UPCYCLE_CACHE", Path.home() / ".cache" / "nemo_upcycle"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path

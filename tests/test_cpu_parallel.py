@@ -1,0 +1,66 @@
+"""megatron-core on CPU/gloo: real GPTModels, forward+backward, at the layouts we claim.
+
+Each layout loads the same checkpoint and must give the loss of the single-rank run:
+a layout whose collectives or CUDA workarounds were wrong would change the loss.
+"""
+import pytest
+
+from nemo_upcycle.testing.multirank import run_on_ranks
+from tests.conftest import tiny
+
+pytestmark = pytest.mark.multirank
+
+LAYOUTS = {
+    "tp2_ep2": ["parallel.tp=2", "parallel.ep=2", "parallel.sp=true"],
+    "tp1_ep4": ["parallel.ep=4"],
+    "pp2": ["parallel.pp=2"],
+    "tp2_ep2_etp1": ["parallel.tp=2", "parallel.ep=2", "parallel.etp=1", "parallel.sp=true"],
+}
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dense_ckpt, tiny_moe_ckpt):
+    dense = run_on_ranks("tests.workers.parallel_checks:loss_and_grads", 1,
+                         overrides=tiny(tiny_dense_ckpt, "moe=dense"), path=str(tiny_dense_ckpt))[0]
+    moe = run_on_ranks("tests.workers.parallel_checks:loss_and_grads", 1,
+                       overrides=tiny(tiny_dense_ckpt), path=str(tiny_moe_ckpt))[0]
+    return {"dense": dense["loss"], "moe": moe["loss"]}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_moe_forward_backward_matches_single_rank(layout, reference, tiny_dense_ckpt, tiny_moe_ckpt):
+    results = run_on_ranks("tests.workers.parallel_checks:loss_and_grads", 4, timeout_s=240,
+                           overrides=tiny(tiny_dense_ckpt, *LAYOUTS[layout]), path=str(tiny_moe_ckpt))
+    for r in results:
+        assert r["finite"] and r["grads"] > 0 and r["nonzero_grads"] == r["grads"], r
+    assert results[0]["loss"] == pytest.approx(reference["moe"], rel=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["tp2_ep2", "pp2"])
+def test_dense_forward_backward_matches_single_rank(layout, reference, tiny_dense_ckpt):
+    overrides = [o for o in LAYOUTS[layout] if "ep=" not in o] + ["moe=dense"]
+    results = run_on_ranks("tests.workers.parallel_checks:loss_and_grads", 4, timeout_s=240,
+                           overrides=tiny(tiny_dense_ckpt, *overrides), path=str(tiny_dense_ckpt))
+    assert all(r["finite"] and r["nonzero_grads"] == r["grads"] for r in results)
+    assert results[0]["loss"] == pytest.approx(reference["dense"], rel=1e-5)
+
+
+def test_checkpoint_saved_at_tp2_loads_at_tp1_and_tp2_pp2(tiny_dense_ckpt, tmp_path):
+    saved = tmp_path / "tp2"
+    at_tp2 = run_on_ranks("tests.workers.parallel_checks:loss_and_grads", 2,
+                          overrides=tiny(tiny_dense_ckpt, "moe=dense", "parallel.tp=2"),
+                          path=str(tiny_dense_ckpt), save_to=str(saved))[0]["loss"]
+    at_tp1 = run_on_ranks("tests.workers.parallel_checks:loss_and_grads", 1,
+                          overrides=tiny(tiny_dense_ckpt, "moe=dense"), path=str(saved))[0]["loss"]
+    at_tp2_pp2 = run_on_ranks("tests.workers.parallel_checks:loss_and_grads", 4,
+                              overrides=tiny(tiny_dense_ckpt, "moe=dense", "parallel.tp=2", "parallel.pp=2"),
+                              path=str(saved))[0]["loss"]
+    assert at_tp1 == pytest.approx(at_tp2, rel=1e-6)
+    assert at_tp2_pp2 == pytest.approx(at_tp2, rel=1e-6)
+
+
+def test_a_failing_rank_is_reported_not_hung():
+    from nemo_upcycle.testing.multirank import MultiRankError
+
+    with pytest.raises(MultiRankError, match="rank 1"):
+        run_on_ranks("tests.workers.harness_checks:rank1_raises_others_wait", 2, timeout_s=90)

@@ -1,0 +1,240 @@
+"""The planner (python -m nemo_upcycle.plan) against real megatron-core models.
+
+Parameter counts must be equal to those of GPTModels built from the same configs (per rank at
+TP/PP/VPP/EP/ETP layouts on gloo, and for Llama 3-8B on the meta device); weights, gradient
+buffers and Adam states within 5% of what megatron's DDP and optimizers allocate after a step;
+activations within 5% of what autograd saves in a CPU forward pass (local kernels).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from nemo_upcycle.config.compose import compose_config
+from nemo_upcycle.config.validate import ConfigError, collect_problems
+from nemo_upcycle.planning.layout import layout_of
+from nemo_upcycle.planning.memory import Precision, model_state_bytes, rank_activation_bytes
+from nemo_upcycle.planning.params import model_params, rank_params
+from nemo_upcycle.planning.reads import elements_read
+from nemo_upcycle.planning.report import build_report, render_table
+from nemo_upcycle.testing.multirank import run_on_ranks
+
+WORKER = "tests.workers.planning_checks"
+TINY = ["model=tiny_llama", "model.dense_checkpoint=unused"]
+LLAMA_E8T2 = ["model=llama3_8b", "moe=e8t2", "model.dense_checkpoint=x"]
+PAPER = LLAMA_E8T2 + ["parallel=paper_512gpu", "world_size=512", "train.tokens=1e11",
+                      "plan.gpu=h100", "trainer=paper"]
+
+# 4 ranks: every one divides evenly and exercises a different sharding rule.
+FOUR_RANK_LAYOUTS = [
+    ["moe=e8t2", "parallel.tp=2", "parallel.pp=2", "parallel.sp=true"],  # etp = tp = 2
+    ["moe=e8t2", "parallel.tp=2", "parallel.ep=2", "parallel.etp=1", "parallel.sp=true"],
+    ["moe=e8t2", "parallel.pp=2", "parallel.vpp=2", "parallel.ep=2"],  # interleaved chunks
+    ["moe=e8t2", "moe.granularity=2", "parallel.ep=4"],  # 16 fine experts, 2 distinct slices
+    ["moe=e16t4", "parallel.tp=2", "parallel.ep=2", "parallel.sp=true"],  # ep x etp = 4
+    ["moe=dense", "parallel.tp=2", "parallel.pp=2", "model.tie_embeddings=true"],
+    ["moe=e8t2", "moe.layers=every_2", "parallel.pp=2", "parallel.ep=2", "model.tie_embeddings=true"],
+]
+
+
+def _cfg(overrides):
+    return compose_config(TINY + list(overrides))
+
+
+def _run_plan_cli(args):
+    return subprocess.run(
+        [sys.executable, "-m", "nemo_upcycle.plan", *args],
+        capture_output=True, text=True, timeout=120,
+    )
+
+
+# Single-process arithmetic -----------------------------------------------------------------
+
+
+def test_llama3_8b_e8t2_totals_match_the_paper():
+    params = model_params(compose_config(LLAMA_E8T2))
+    assert params.dense_model_total == 8_030_261_248  # Llama 3-8B
+    assert round(params.total / 1e9, 1) == 47.5
+    assert round(params.active / 1e9, 1) == 13.7
+    assert params.moe_layers == 32 and params.dense_layers == 0
+
+
+def test_plan_cli_prints_parameters_and_budget():
+    proc = _run_plan_cli(PAPER + ["plan.mfu=0.468"])
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "total       47.49B" in out and "active      13.67B" in out
+    assert "upcycled layers 32 of 32" in out
+    assert "GPU-hours" in out and "of pre-training compute" in out
+    assert "verdict:" in out
+
+
+def test_plan_json_has_the_same_numbers():
+    cfg = compose_config(PAPER + ["plan.mfu=0.39", "plan.format=json"])
+    from nemo_upcycle.plan import plan_text
+
+    report = json.loads(plan_text(cfg))
+    assert report["parameters"]["total"] == model_params(cfg).total
+    assert report["job"]["dp"] == 64 and report["job"]["expert_dp"] == 16
+    assert len(report["ranks"]) == 4
+    budget = report["budget"]
+    # GPU-hours = tokens * 3 * forward FLOPs / (peak * MFU)
+    expected = 1e11 * report["flops"]["moe"]["training"] / (989.4e12 * 0.39) / 3600
+    assert budget["gpu_hours"] == pytest.approx(expected)
+    assert 0 < budget["fraction_of_pretraining"] < 0.05
+
+
+def test_flops_per_token_standard_accounting():
+    cfg = compose_config(LLAMA_E8T2 + ["trainer.seq_length=8192"])
+    from nemo_upcycle.planning.flops import flops_per_token
+
+    moe, dense = flops_per_token(cfg, 8192), flops_per_token(cfg, 8192, dense=True)
+    p = model_params(cfg)
+    # Matmul FLOPs are 2 x the weights a token multiplies (active parameters except the
+    # embedding table and the norms: projections, router, top-k experts, output layer),
+    # plus attention over the sequence.
+    matmul_weights_active = p.active - p.embedding - 32 * 2 * 4096 - p.final_norm
+    assert moe.forward - moe.attention_scores == pytest.approx(2 * matmul_weights_active)
+    assert moe.attention_scores == 32 * 4 * 8192 * 4096
+    assert moe.experts == 2 * dense.dense_ffn
+    assert moe.training == 3 * moe.forward
+
+
+@pytest.mark.parametrize("overrides, world_size", [
+    (["moe=e8t2", "parallel.ep=3"], 3),  # 8 experts not divisible by ep
+    (["moe=e8t2", "parallel.tp=2"], 2),  # MoE + TP without sequence parallelism
+    (["moe=e8t2", "parallel.pp=3"], 3),  # 4 layers over 3 stages
+    (["moe=e8t2", "parallel.ep=2"], 3),  # world size
+])
+def test_bad_layouts_fail_like_training(overrides, world_size):
+    cfg = _cfg(overrides + [f"world_size={world_size}"])
+    expected = collect_problems(cfg, world_size)  # what training's validate() reports
+    assert expected
+    with pytest.raises(ConfigError) as err:
+        build_report(cfg)
+    assert err.value.problems == expected
+
+
+def test_bad_layout_cli_exits_with_the_message():
+    proc = _run_plan_cli(TINY + ["parallel.ep=3", "world_size=3"])
+    assert proc.returncode == 2
+    assert "not divisible by parallel.ep=3" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_world_size_from_nodes_and_verdict():
+    cfg = compose_config(LLAMA_E8T2 + ["parallel=paper_512gpu", "nodes=64", "gpus_per_node=8"])
+    report = build_report(cfg)
+    assert report["job"]["world_size"] == 512
+    mismatch = compose_config(LLAMA_E8T2 + ["parallel=paper_512gpu", "nodes=64",
+                                            "gpus_per_node=8", "world_size=256"])
+    with pytest.raises(ConfigError, match="nodes\\*gpus_per_node"):
+        build_report(mismatch)
+    # One H100 cannot hold Llama 3-8B E8T2: 47.5B parameters at 18 bytes each.
+    single = build_report(compose_config(LLAMA_E8T2 + ["parallel.world_size=1"]))
+    assert not single["memory"]["configured"]["any_fits"]
+    assert "DOES NOT FIT" in render_table(single)
+
+
+# Real models on gloo ranks ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def four_rank_counts():
+    layouts = [TINY + o for o in FOUR_RANK_LAYOUTS]
+    return run_on_ranks(f"{WORKER}:layout_counts", 4, timeout_s=400, layouts=layouts)
+
+
+@pytest.mark.multirank
+def test_per_rank_parameters_and_reads_equal_megatron(four_rank_counts):
+    for i, overrides in enumerate(FOUR_RANK_LAYOUTS):
+        cfg = _cfg(overrides)
+        layout = layout_of(cfg, 4)
+        for rank_results in four_rank_counts:
+            got = rank_results[i]
+            want = rank_params(cfg, got["pp_rank"], layout.tp, layout.ep, layout.etp)
+            label = f"{overrides} rank {got['rank']}"
+            assert got["params"] == want.total, label
+            assert got["expert_params"] == want.expert, label
+            # the upcycle plan's own request list for this rank, vs the planner's formula
+            assert got["elements_read"] == elements_read(cfg, layout, got["pp_rank"]), label
+
+
+@pytest.fixture(scope="module")
+def two_rank_suite():
+    moe = TINY + ["moe=e8t2", "parallel.ep=2"]
+    calls = [
+        ["model_state_memory", dict(overrides=moe, distributed=d, bf16=b)]
+        for d in (False, True) for b in (False, True)
+    ]
+    calls.append(["model_state_memory", dict(overrides=TINY + ["moe=dense"], distributed=True, bf16=True)])
+    calls += [
+        ["saved_activations", dict(overrides=TINY + [f"moe={m}"], micro=2, seq=64)]
+        for m in ("dense", "e8t2")
+    ]
+    calls.append(["saved_activations", dict(
+        overrides=TINY + ["moe=e8t2", "parallel.tp=2", "parallel.sp=true"], micro=2, seq=64)])
+    calls.append(["meta_counts", dict(overrides=LLAMA_E8T2)])
+    calls.append(["meta_counts", dict(overrides=["model=llama3_8b", "moe=dense", "model.dense_checkpoint=x"])])
+    calls.append(["meta_counts", dict(overrides=LLAMA_E8T2 + ["parallel.ep=2"])])
+    results = run_on_ranks(f"{WORKER}:sequence", 2, timeout_s=400, calls=calls)
+    return calls, results
+
+
+@pytest.mark.multirank
+def test_model_state_memory_matches_megatron_ddp_and_adam(two_rank_suite):
+    calls, results = two_rank_suite
+    for j, (name, kwargs) in enumerate(calls):
+        if name != "model_state_memory":
+            continue
+        cfg = compose_config(kwargs["overrides"])
+        layout = layout_of(cfg, 2)
+        pbytes = 2 if kwargs["bf16"] else 4
+        estimate = model_state_bytes(rank_params(cfg, 0, 1, layout.ep, layout.etp), layout,
+                                     Precision(param_bytes=pbytes, grad_bytes=4, activation_bytes=pbytes))
+        optimizer = estimate.optimizer_distributed if kwargs["distributed"] else estimate.optimizer
+        for rank in results:
+            got = rank[j]
+            label = f"{kwargs} rank {got['rank']}: {got}"
+            assert got["weights"] == pytest.approx(estimate.weights, rel=0.05), label
+            assert got["grads"] == pytest.approx(estimate.grads, rel=0.05), label
+            assert got["optimizer"] == pytest.approx(optimizer, rel=0.05), label
+
+
+@pytest.mark.multirank
+def test_activation_formula_matches_saved_tensors(two_rank_suite):
+    """Local kernels in fp32 (the CPU build): the documented formula against the bytes autograd
+    saves (unique storages, weights excluded). The remaining gap is the shared causal mask."""
+    calls, results = two_rank_suite
+    checked = 0
+    for j, (name, kwargs) in enumerate(calls):
+        if name != "saved_activations":
+            continue
+        cfg = compose_config(kwargs["overrides"] + ["trainer.micro_batch_size=2", "trainer.seq_length=64"])
+        layout = layout_of(cfg, 2)
+        estimate = rank_activation_bytes(cfg, layout, 0, "none", kernels="local", e=4).per_microbatch
+        for rank in results:
+            measured = rank[j]["saved_bytes"]
+            assert estimate == pytest.approx(measured, rel=0.05), (kwargs, measured, estimate)
+            checked += 1
+    assert checked == 6
+
+
+@pytest.mark.multirank
+def test_llama3_8b_counts_on_the_meta_device(two_rank_suite):
+    calls, results = two_rank_suite
+    for j, (name, kwargs) in enumerate(calls):
+        if name != "meta_counts":
+            continue
+        cfg = compose_config(kwargs["overrides"])
+        layout = layout_of(cfg, 2)
+        for rank in results:
+            got = rank[j]
+            assert got["devices"] == ["meta"]
+            want = rank_params(cfg, got["pp_rank"], layout.tp, layout.ep, layout.etp)
+            assert got["params"] == want.total and got["expert_params"] == want.expert, kwargs
+            if layout.ep == 1:
+                assert got["params"] == model_params(cfg).total
