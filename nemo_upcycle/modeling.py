@@ -69,12 +69,14 @@ def fine_topk(moe: Any) -> int:
     return moe.topk * moe.granularity
 
 
-def build_transformer_config(
+def transformer_config_kwargs(
     cfg: Any, params_dtype: Optional[torch.dtype] = None, **overrides: Any
-):
-    """TransformerConfig of the Llama-style model in ``cfg`` (dense or MoE)."""
-    from megatron.core.transformer.transformer_config import TransformerConfig
+) -> dict:
+    """Keyword arguments of the TransformerConfig of the Llama-style model in ``cfg``.
 
+    Shared by :func:`build_transformer_config` and NeMo's GPTConfig (a TransformerConfig
+    subclass), so both trainers build exactly the same model.
+    """
     model, moe, par = cfg.model, cfg.moe, cfg.parallel
     params_dtype = params_dtype or default_params_dtype()
     on_gpu = gpu_available()
@@ -127,7 +129,14 @@ def build_transformer_config(
             **router_settings(cfg.router),
         )
     kwargs.update(overrides)
-    return TransformerConfig(**kwargs)
+    return kwargs
+
+
+def build_transformer_config(cfg: Any, params_dtype: Optional[torch.dtype] = None, **overrides: Any):
+    """TransformerConfig of the Llama-style model in ``cfg`` (dense or MoE)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return TransformerConfig(**transformer_config_kwargs(cfg, params_dtype, **overrides))
 
 
 def layer_spec(config, vp_stage: Optional[int] = None):

@@ -180,6 +180,9 @@ def two_rank_suite():
     calls.append(["meta_counts", dict(overrides=LLAMA_E8T2)])
     calls.append(["meta_counts", dict(overrides=["model=llama3_8b", "moe=dense", "model.dense_checkpoint=x"])])
     calls.append(["meta_counts", dict(overrides=LLAMA_E8T2 + ["parallel.ep=2"])])
+    # SmolLM2-135M (tied embeddings) split over two pipeline stages, E8T2 every other layer
+    calls.append(["meta_counts", dict(overrides=["model=smollm2_135m", "moe=e8t2", "moe.layers=every_2",
+                                                 "parallel.pp=2"])])
     results = run_on_ranks(f"{WORKER}:sequence", 2, timeout_s=400, calls=calls)
     return calls, results
 
@@ -207,7 +210,9 @@ def test_model_state_memory_matches_megatron_ddp_and_adam(two_rank_suite):
 @pytest.mark.multirank
 def test_activation_formula_matches_saved_tensors(two_rank_suite):
     """Local kernels in fp32 (the CPU build): the documented formula against the bytes autograd
-    saves (unique storages, weights excluded). The remaining gap is the shared causal mask."""
+    saves (unique storages, weights excluded). Measured gap at b=2, s=64: -0.1% (dense), -0.1%
+    (E8T2), -0.15% (E8T2 at TP2+SP): the estimate omits the causal mask (one bool s x s tensor
+    shared by all layers) and a few scalars."""
     calls, results = two_rank_suite
     checked = 0
     for j, (name, kwargs) in enumerate(calls):
@@ -236,5 +241,5 @@ def test_llama3_8b_counts_on_the_meta_device(two_rank_suite):
             assert got["devices"] == ["meta"]
             want = rank_params(cfg, got["pp_rank"], layout.tp, layout.ep, layout.etp)
             assert got["params"] == want.total and got["expert_params"] == want.expert, kwargs
-            if layout.ep == 1:
+            if layout.ep == 1 and layout.pp == 1:
                 assert got["params"] == model_params(cfg).total

@@ -241,7 +241,7 @@ def render_table(report: dict) -> str:
     add("")
     add(f"Budget: {bud['tokens']:.3g} tokens on {job['world_size']} x {job['gpu']}"
         f" ({job['peak_tflops']:.0f} TFLOP/s bf16) at MFU {job['mfu']:.1%}")
-    add(f"  {bud['steps']:.0f} steps of {bud['tokens_per_step']} tokens, {bud['step_time_s']:.2f} s per step,"
+    add(f"  {bud['steps']:.0f} steps of {bud['tokens_per_step']} tokens, {bud['step_time_s']:.3g} s per step,"
         f" {bud['wall_clock_hours']:.1f} h wall clock, {bud['gpu_hours']:,.0f} GPU-hours"
         f" ({bud['total_flops']:.3g} FLOPs)")
     if bud["fraction_of_pretraining"] is not None:

@@ -1,0 +1,70 @@
+"""Resolve ``data.*`` to megatron indexed-dataset prefixes (with blend weights)."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from nemo_upcycle.data.indexed import dataset_ready, jsonl_documents, tokenizer_tag, write_indexed_dataset
+
+EMBEDDED_DATA = "embedded:gensim_wiki"
+
+
+def _build_once(prefix: Path, build, timeout_s: float = 900.0) -> None:
+    """Rank 0 builds; other ranks wait for the finished files (no collective involved)."""
+    if dataset_ready(prefix):
+        return
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    if rank == 0:
+        build()
+        return
+    deadline = time.monotonic() + timeout_s
+    while not dataset_ready(prefix):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"dataset {prefix} was not prepared within {timeout_s:.0f}s")
+        time.sleep(1.0)
+
+
+def resolve_data_paths(cfg: Any, tokenizer_path: Optional[Path]) -> list:
+    """Blend list for NeMo's PreTrainingDataModule: [w1, prefix1, w2, prefix2, ...] or [prefix]."""
+    from nemo_upcycle.text import load_tokenizer
+
+    data = cfg.data
+    cache = Path(data.cache_dir or Path(cfg.cache_dir) / "data") / tokenizer_tag(tokenizer_path)
+    if data.jsonl:
+        jsonl = Path(data.jsonl)
+        if not jsonl.is_file():
+            raise FileNotFoundError(f"data.jsonl={jsonl} does not exist")
+        prefix = cache / f"{jsonl.stem}_text_document"
+        _build_once(prefix, lambda: write_indexed_dataset(
+            jsonl_documents(jsonl), load_tokenizer(str(tokenizer_path)), prefix))
+        return [str(prefix)]
+    if data.paths == EMBEDDED_DATA:
+        from nemo_upcycle.assets import wikipedia_sample
+        from nemo_upcycle.data.wikipedia import iter_articles
+
+        if tokenizer_path is None:
+            raise ValueError("the embedded Wikipedia data needs a tokenizer: set model.tokenizer")
+        prefix = cache / "gensim_wiki_text_document"
+        _build_once(prefix, lambda: write_indexed_dataset(
+            iter_articles(wikipedia_sample()), load_tokenizer(str(tokenizer_path)), prefix))
+        return [str(prefix)]
+    paths = list(data.paths) if not isinstance(data.paths, str) else [data.paths]
+    prefixes = [p for p in paths if not _is_number(p)]
+    missing = [p for p in prefixes if not dataset_ready(Path(str(p)))]
+    if missing:
+        raise FileNotFoundError(
+            f"data.paths: no megatron indexed dataset at {missing} (expected <prefix>.bin and "
+            "<prefix>.idx); give .bin/.idx prefixes, optionally weighted as [0.7, a, 0.3, b], "
+            "or data.jsonl=<file> to tokenize JSONL text"
+        )
+    return [str(p) for p in paths]
+
+
+def _is_number(value) -> bool:
+    try:
+        float(value)
+        return True
+    except (TypeError, ValueError):
+        return False

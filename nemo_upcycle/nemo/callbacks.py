@@ -1,0 +1,183 @@
+"""Training metrics: throughput and MFU, router health, a per-expert load plot.
+
+Everything is written to TensorBoard (NeMo's logger), to ``<log_dir>/metrics.jsonl`` (one
+line per step, read by the ablation runner and the demo) and, every
+``trainer.log_every_n_steps``, to the console.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+
+from nemo_upcycle.metrics.router_stats import RouterStatsCollector, uniform_entropy
+from nemo_upcycle.modeling import fine_topk, num_fine_experts
+
+
+def peak_flops_per_device(override_tflops: Optional[float]) -> Optional[float]:
+    """Peak bf16 FLOP/s of one device: the override, or the GPU's from the planner's table."""
+    if override_tflops:
+        return override_tflops * 1e12
+    if not torch.cuda.is_available():
+        return None
+    from nemo_upcycle.planning.budget import GPUS
+
+    name = torch.cuda.get_device_name().lower()
+    for key in sorted(GPUS, key=len, reverse=True):
+        if key.split("_")[0] in name:
+            return GPUS[key].bf16_tflops * 1e12
+    return None
+
+
+def _mcore_chunks(pl_module) -> list:
+    """The megatron GPTModel chunks inside NeMo's wrappers."""
+    from megatron.core.models.gpt import GPTModel
+
+    return [m for m in pl_module.modules() if isinstance(m, GPTModel)]
+
+
+class UpcycleMetrics(pl.Callback):
+    def __init__(self, cfg: Any, log_dir: Path, flops_per_token: float, plot_layer: Optional[int] = None):
+        self.cfg = cfg
+        self.log_dir = Path(log_dir)
+        self.flops_per_token = flops_per_token
+        self.tokens_per_step = cfg.trainer.global_batch_size * cfg.trainer.seq_length
+        self.peak = peak_flops_per_device(cfg.trainer.peak_tflops)
+        self.num_experts = num_fine_experts(cfg.moe)
+        self.topk = fine_topk(cfg.moe)
+        self.plot_layer = plot_layer
+        self.load_history: list[list[float]] = []
+        self._collector: Optional[RouterStatsCollector] = None
+        self._started = 0.0
+
+    # -- hooks ---------------------------------------------------------------------------
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.num_experts and self._collector is None:
+            self._collector = RouterStatsCollector(_mcore_chunks(pl_module)).__enter__()
+        if self._collector is not None:
+            self._collector.layers.clear()
+        self._started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step_time = time.perf_counter() - self._started
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        tokens_per_s = self.tokens_per_step / step_time
+        record: dict[str, Any] = {
+            "step": trainer.global_step,
+            "step_time_s": step_time,
+            "tokens_per_s": tokens_per_s,
+        }
+        if self.peak:
+            record["mfu"] = self.flops_per_token * tokens_per_s / (self.peak * world)
+        loss = trainer.callback_metrics.get("reduced_train_loss")
+        if loss is not None:
+            record["loss"] = float(loss)
+        lr = trainer.callback_metrics.get("lr")
+        if lr is None and trainer.optimizers:
+            lr = trainer.optimizers[0].param_groups[0]["lr"]
+        if lr is not None:
+            record["lr"] = float(lr)
+        record.update(self._router_metrics())
+        self._emit(trainer, record)
+
+    def on_train_end(self, trainer, pl_module):
+        if self._collector is not None:
+            self._collector.__exit__(None, None, None)
+        if self.load_history and trainer.global_rank == 0:
+            plot_expert_load(self.load_history, self.plot_layer, self.log_dir / f"expert_load_layer{self.plot_layer}.png")
+
+    # -- helpers -------------------------------------------------------------------------
+    def _router_metrics(self) -> dict:
+        if self._collector is None:
+            return {}
+        self._collector.all_reduce(self.cfg.model.num_layers, self.num_experts, self.topk)
+        layers = self._collector.layers
+        if not layers:
+            return {}
+        if self.plot_layer is None:
+            self.plot_layer = min(layers)
+        if self.plot_layer in layers:
+            self.load_history.append(layers[self.plot_layer].load.tolist())
+        norm = uniform_entropy(self.num_experts)
+        out = {
+            "dropped_fraction": sum(s.dropped_fraction for s in layers.values()) / len(layers),
+            "max_load_ratio": max(s.max_load_ratio for s in layers.values()),
+            "router_entropy": sum(s.mean_entropy for s in layers.values()) / len(layers) / norm,
+        }
+        for layer, s in layers.items():
+            out[f"router/layer{layer}/max_load_ratio"] = s.max_load_ratio
+            out[f"router/layer{layer}/dropped_fraction"] = s.dropped_fraction
+            out[f"router/layer{layer}/entropy"] = s.mean_entropy / norm
+        out.update(_aux_losses())
+        return out
+
+    def _emit(self, trainer, record: dict) -> None:
+        if trainer.global_rank != 0:
+            return
+        numeric = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        for logger in trainer.loggers:
+            logger.log_metrics({f"upcycle/{k}": v for k, v in numeric.items()}, step=record["step"])
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        summary = {k: v for k, v in record.items() if not k.startswith("router/")}
+        with open(self.log_dir / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(summary) + "\n")
+        every = max(1, self.cfg.trainer.log_every_n_steps)
+        if record["step"] % every == 0:
+            parts = [f"step {record['step']}"]
+            for key, fmt in (("loss", "{:.4f}"), ("lr", "{:.2e}"), ("tokens_per_s", "{:.0f} tok/s"),
+                             ("step_time_s", "{:.2f}s/step"), ("mfu", "MFU {:.1%}"),
+                             ("dropped_fraction", "dropped {:.3f}"), ("max_load_ratio", "max load {:.2f}x")):
+                if key in record and record[key] is not None and not (isinstance(record[key], float) and math.isnan(record[key])):
+                    parts.append(fmt.format(record[key]) if key in ("tokens_per_s", "step_time_s", "mfu", "dropped_fraction", "max_load_ratio") else f"{key} {fmt.format(record[key])}")
+            print(" | ".join(parts), flush=True)
+
+
+def _aux_losses() -> dict:
+    """Load-balancing / z losses megatron recorded this step (then cleared)."""
+    try:
+        from megatron.core.transformer.moe.moe_utils import (
+            clear_aux_losses_tracker,
+            get_moe_layer_wise_logging_tracker,
+        )
+    except ImportError:
+        return {}
+    out = {}
+    for name, entry in get_moe_layer_wise_logging_tracker().items():
+        values = entry.get("values")
+        if values is not None and values.numel():
+            value = values.float().sum()
+            if dist.is_initialized():
+                pass  # already reduced across pipeline stages by megatron when it logs
+            out[name] = float(value) / max(int((values != 0).sum()), 1)
+    clear_aux_losses_tracker()
+    return out
+
+
+def plot_expert_load(history: list[list[float]], layer: Optional[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    loads = torch.tensor(history)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    steps = range(1, loads.shape[0] + 1)
+    ax.stackplot(steps, loads.T.numpy(), labels=[f"expert {e}" for e in range(loads.shape[1])])
+    ax.axhline(0.5, color="white", linewidth=0.5)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("fraction of routed tokens")
+    ax.set_title(f"Per-expert load, layer {layer}")
+    ax.set_xlim(1, max(2, loads.shape[0]))
+    ax.set_ylim(0, 1)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.rename(path)

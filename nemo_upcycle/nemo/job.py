@@ -1,0 +1,200 @@
+"""The training job: NeMo 2's trainer around the online-upcycled MoE model.
+
+Read top to bottom: resolve the dense model and the data, decide whether this launch
+upcycles (first launch) or resumes (an MoE checkpoint exists), build NeMo's strategy,
+optimizer, logger and trainer, and fit.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from nemo_upcycle.platform.cpu import gpu_available
+from nemo_upcycle.platform.launcher_env import read_launch_env
+
+log = logging.getLogger(__name__)
+RUN_NAME = "upcycle"
+
+
+def checkpoint_dir(cfg: Any) -> Path:
+    return Path(cfg.log_dir) / RUN_NAME / "checkpoints"
+
+
+def resumable_checkpoint(cfg: Any) -> Optional[Path]:
+    """The checkpoint NeMo's AutoResume will resume from, or None on a first launch.
+
+    Uses AutoResume's own search (complete ``*last``/``*end`` checkpoints, unfinished ones
+    skipped), so "upcycle or resume" is decided exactly as the trainer will act.
+    """
+    from nemo.lightning import AutoResume
+
+    ckpt_dir = checkpoint_dir(cfg)
+    if not ckpt_dir.is_dir():
+        return None
+    resume = AutoResume(resume_from_directory=str(ckpt_dir), resume_if_exists=True,
+                        resume_ignore_no_checkpoint=True)
+    return resume._find_trainer_ckpt_path()
+
+
+def _tokenizer(tokenizer_path: Optional[Path]):
+    from nemo.collections.common.tokenizers.huggingface.auto_tokenizer import AutoTokenizer
+
+    if tokenizer_path is None:
+        raise ValueError("training needs a tokenizer: set model.tokenizer to a Hugging Face tokenizer folder")
+    return AutoTokenizer(str(tokenizer_path))
+
+
+def build_trainer(cfg: Any, callbacks: list):
+    import nemo.lightning as nl
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    par, tr = cfg.parallel, cfg.trainer
+    launch = read_launch_env()
+    nodes = max(1, launch.world_size // max(1, int(_local_world_size())))
+    strategy = nl.MegatronStrategy(
+        tensor_model_parallel_size=par.tp,
+        pipeline_model_parallel_size=par.pp,
+        virtual_pipeline_model_parallel_size=par.vpp,
+        context_parallel_size=par.cp,
+        sequence_parallel=par.sp,
+        expert_model_parallel_size=par.ep,
+        expert_tensor_parallel_size=par.etp,
+        pipeline_dtype=torch.bfloat16 if gpu_available() else torch.float32,
+        ddp=DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=gpu_available(),
+            use_distributed_optimizer=tr.distributed_optimizer,
+            check_for_nan_in_grad=True,
+        ),
+        ckpt_async_save=gpu_available(),
+        ckpt_parallel_save=True,
+        ckpt_load_strictness="log_all",
+    )
+    checkpoint = nl.ModelCheckpoint(
+        every_n_train_steps=tr.checkpoint_every_n_steps,
+        save_last=True,
+        save_top_k=-1,
+        monitor="step",
+        mode="max",
+        filename="{step}",
+        save_optim_on_train_end=True,
+    )
+    precision = nl.MegatronMixedPrecision(precision="bf16-mixed") if _bf16(cfg) else None
+    trainer = nl.Trainer(
+        accelerator="gpu" if gpu_available() else "cpu",
+        devices=int(_local_world_size()),
+        num_nodes=nodes,
+        strategy=strategy,
+        plugins=precision,
+        max_steps=tr.max_steps,
+        val_check_interval=tr.val_check_interval,
+        check_val_every_n_epoch=None,
+        limit_val_batches=tr.limit_val_batches,
+        log_every_n_steps=tr.log_every_n_steps,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+        callbacks=[checkpoint, *callbacks],
+        enable_checkpointing=True,
+    )
+    logger = nl.NeMoLogger(
+        log_dir=str(cfg.log_dir), name=RUN_NAME, use_datetime_version=False, version=None,
+        ckpt=checkpoint, update_logger_directory=True,
+        tensorboard=_tensorboard(cfg),
+    )
+    return trainer, logger
+
+
+def _bf16(cfg: Any) -> bool:
+    return cfg.trainer.precision == "bf16" or (cfg.trainer.precision == "auto" and gpu_available())
+
+
+def _local_world_size() -> int:
+    import os
+
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1")))
+
+
+def _tensorboard(cfg: Any):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    return TensorBoardLogger(save_dir=str(Path(cfg.log_dir)), name="tensorboard", version="")
+
+
+def build_optimizer(cfg: Any):
+    import nemo.lightning as nl
+    from megatron.core.optimizer import OptimizerConfig
+    from nemo.lightning.pytorch.optim import CosineAnnealingScheduler
+
+    tr = cfg.trainer
+    opt = OptimizerConfig(
+        optimizer="adam",
+        lr=tr.lr,
+        min_lr=tr.min_lr,
+        weight_decay=tr.weight_decay,
+        adam_beta1=0.9,
+        adam_beta2=0.95,
+        clip_grad=tr.clip_grad,
+        bf16=_bf16(cfg),
+        use_distributed_optimizer=tr.distributed_optimizer,
+    )
+    sched = CosineAnnealingScheduler(
+        max_steps=tr.max_steps, warmup_steps=tr.warmup_steps, constant_steps=0, min_lr=tr.min_lr
+    )
+    return nl.MegatronOptimizerModule(config=opt, lr_scheduler=sched)
+
+
+def build_data(cfg: Any, tokenizer, paths: list):
+    from nemo.collections.llm.gpt.data.pre_training import PreTrainingDataModule
+
+    tr = cfg.trainer
+    return PreTrainingDataModule(
+        paths=paths,
+        seq_length=tr.seq_length,
+        tokenizer=tokenizer,
+        micro_batch_size=tr.micro_batch_size,
+        global_batch_size=tr.global_batch_size,
+        num_workers=0,
+        pin_memory=gpu_available(),
+        seed=cfg.seed,
+        split=cfg.data.split,
+        create_attention_mask=not gpu_available(),
+        index_mapping_dir=str(Path(cfg.cache_dir) / "index_mappings"),
+    )
+
+
+def run_training(cfg: Any) -> dict:
+    """Upcycle (first launch) or resume, then train. Returns a summary on every rank."""
+    from nemo.collections import llm
+    from nemo.lightning import AutoResume
+
+    from nemo_upcycle.data.prepare import resolve_data_paths
+    from nemo_upcycle.dense_source import open_dense_source, resolve_paths
+    from nemo_upcycle.nemo.callbacks import UpcycleMetrics
+    from nemo_upcycle.nemo.cpu_compat import enable_nemo_cpu_support
+    from nemo_upcycle.nemo.model_config import make_gpt_config
+    from nemo_upcycle.planning.flops import flops_per_token
+
+    enable_nemo_cpu_support()
+    resume_from = resumable_checkpoint(cfg)
+    if resume_from is None:
+        source = open_dense_source(cfg)  # checks the dense checkpoint before any weight is read
+        upcycle_from = str(source.path)
+        log.info("no MoE checkpoint in %s: upcycling online from %s", checkpoint_dir(cfg), upcycle_from)
+    else:
+        resolve_paths(cfg)  # the tokenizer of an embedded model still has to be there
+        upcycle_from = None
+        log.info("resuming from %s (no upcycling)", resume_from)
+    _, tokenizer_path = resolve_paths(cfg)
+    tokenizer = _tokenizer(tokenizer_path)
+    data = build_data(cfg, tokenizer, resolve_data_paths(cfg, tokenizer_path))
+
+    model = llm.GPTModel(make_gpt_config(cfg, upcycle_from), optim=build_optimizer(cfg), tokenizer=tokenizer)
+    metrics = UpcycleMetrics(cfg, Path(cfg.log_dir), flops_per_token(cfg, cfg.trainer.seq_length).training)
+    trainer, logger = build_trainer(cfg, [metrics])
+    resume = AutoResume(resume_if_exists=True, resume_ignore_no_checkpoint=True,
+                        resume_from_directory=str(checkpoint_dir(cfg)))
+    llm.train(model=model, data=data, trainer=trainer, log=logger, resume=resume, tokenizer=None)
+    return {"resumed_from": str(resume_from) if resume_from else None, "upcycled": upcycle_from is not None}

@@ -1,0 +1,53 @@
+"""NeMo 2 model configuration whose ``configure_model`` runs our model provider.
+
+``UpcycleGPTConfig`` is NeMo's ``GPTConfig`` (a megatron TransformerConfig) with the same
+fields :func:`nemo_upcycle.modeling.transformer_config_kwargs` gives megatron-core
+directly, plus two of its own: the job configuration (plain data, so NeMo can serialise it
+into the checkpoint's context) and the dense checkpoint to upcycle from (None on resume).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from nemo.collections.llm.gpt.model.base import GPTConfig
+from omegaconf import OmegaConf
+
+from nemo_upcycle.modeling import layer_spec, transformer_config_kwargs
+
+
+def upcycle_layer_spec(config: "UpcycleGPTConfig", vp_stage: Optional[int] = None):
+    """Transformer Engine spec when present, megatron-core local spec on CPU."""
+    return layer_spec(config, vp_stage)
+
+
+@dataclass
+class UpcycleGPTConfig(GPTConfig):
+    job: Optional[dict] = None
+    upcycle_from: Optional[str] = None
+
+    def configure_model(self, tokenizer, pre_process=None, post_process=None, vp_stage=None):
+        from nemo_upcycle.provider import upcycle_chunk
+
+        model = super().configure_model(tokenizer, pre_process, post_process, vp_stage)
+        upcycle_chunk(model, OmegaConf.create(self.job), self.upcycle_from)
+        return model
+
+
+def make_gpt_config(cfg: Any, upcycle_from: Optional[str]) -> UpcycleGPTConfig:
+    kwargs = transformer_config_kwargs(cfg)
+    # The trainer, not the model, owns pipeline parallel sizes in NeMo's strategy; keep both
+    # consistent by passing the same values.
+    return UpcycleGPTConfig(
+        **kwargs,
+        vocab_size=cfg.model.vocab_size,
+        make_vocab_size_divisible_by=1,
+        share_embeddings_and_output_weights=cfg.model.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(cfg.model.rotary_base),
+        seq_length=cfg.trainer.seq_length,
+        cross_entropy_loss_fusion=False,
+        transformer_layer_spec=upcycle_layer_spec,
+        job=OmegaConf.to_container(cfg, resolve=True),
+        upcycle_from=upcycle_from,
+    )
