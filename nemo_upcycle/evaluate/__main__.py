@@ -1,0 +1,48 @@
+"""python -m nemo_upcycle.evaluate model=... moe=... [eval.checkpoint=DIR | eval.hf_model=DIR] eval.mmlu.*=... eval.ppl.*=...
+
+MMLU (per subject and overall) and held-out perplexity of a model:
+
+* default: the dense checkpoint of ``model`` upcycled to ``moe`` at step 0 (``moe=dense``:
+  the dense model itself), at the ``parallel`` layout (launch with torchrun for several ranks);
+* ``eval.checkpoint=DIR``: a megatron-core torch_dist or NeMo 2 checkpoint of that model;
+* ``eval.hf_model=DIR``: a Hugging Face folder, run with transformers.
+
+Prints a per-subject table, writes ``${log_dir}/eval/results.json`` and ends with
+``mmlu_acc=<value> n=<count> ppl=<value>``.
+"""
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from nemo_upcycle.cli import CONFIG_DIR, is_rank0, launch_world_size, print_rank0, validated
+from nemo_upcycle.config.schema import register_configs
+
+register_configs()
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base=None)
+def main(cfg: DictConfig) -> None:
+    from pathlib import Path
+
+    from nemo_upcycle.evaluate.runner import evaluate_model, print_report, summary_line, write_json_atomic
+
+    with validated(cfg, launch_world_size()):
+        if cfg.eval.mmlu.scoring not in ("loglik", "letter"):
+            from nemo_upcycle.config.validate import ConfigError
+
+            raise ConfigError([f"eval.mmlu.scoring={cfg.eval.mmlu.scoring} must be loglik or letter"])
+        result = evaluate_model(cfg, verbose=is_rank0())
+    if is_rank0():
+        print_report(result)
+        path = write_json_atomic(Path(cfg.log_dir) / "eval" / "results.json", result)
+        print(f"results: {path}", flush=True)
+    print_rank0(summary_line(result))
+    if not cfg.eval.hf_model:
+        from nemo_upcycle.platform.distributed import teardown_parallel
+
+        teardown_parallel()
+
+
+if __name__ == "__main__":
+    main()

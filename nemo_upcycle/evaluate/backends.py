@@ -1,0 +1,169 @@
+"""The two back ends of the evaluation: megatron-core chunks at any layout, and transformers.
+
+Both implement :class:`nemo_upcycle.evaluate.scoring.Backend`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from nemo_upcycle.evaluate.scoring import pad_right, pick_logprobs
+from nemo_upcycle.upcycle.errors import UpcycleError
+
+
+class MegatronBackend:
+    """This rank's GPTModel chunk(s), run through megatron-core's schedules.
+
+    Every rank of the job calls :meth:`selected_logprobs` with the same batch. The last
+    pipeline stage gathers its vocabulary-parallel logits across the tensor-parallel group
+    and computes the log-probs; they are then broadcast down the pipeline so every rank
+    returns the same numbers. Data-parallel replicas repeat the work (evaluation is small).
+    """
+
+    def __init__(self, chunks: list, vocab_size: int, max_length: Optional[int] = None):
+        from megatron.core import parallel_state
+
+        self.chunks = chunks
+        self.vocab_size = vocab_size
+        config = chunks[0].config
+        if parallel_state.get_context_parallel_world_size() > 1:
+            raise UpcycleError("evaluation runs whole sequences: use parallel.cp=1")
+        self.tp = parallel_state.get_tensor_model_parallel_world_size()
+        self.pp = parallel_state.get_pipeline_model_parallel_world_size()
+        self.max_length = int(max_length or chunks[0].max_sequence_length)
+        # Sequence parallelism splits the sequence across TP ranks: pad to a multiple.
+        self.multiple = self.tp if config.sequence_parallel else 1
+        for chunk in chunks:
+            chunk.eval()
+
+    def _logits(self, tokens: torch.Tensor) -> Optional[torch.Tensor]:
+        from nemo_upcycle.forward import run_schedule
+
+        micro = 1 if self.pp > 1 else tokens.shape[0]
+        with torch.no_grad():
+            return run_schedule(self.chunks, tokens, micro_batch_size=micro)
+
+    def selected_logprobs(self, sequences: Sequence[Sequence[int]], rows: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+        from megatron.core import parallel_state
+
+        sequences = list(sequences)
+        if self.pp > 1 and len(sequences) % self.pp:
+            # Interleaved schedules want whole rounds of micro-batches: add 1-token fillers.
+            sequences += [[0]] * (self.pp - len(sequences) % self.pp)
+        tokens, _ = pad_right(sequences, self.multiple)
+        logits = self._logits(tokens)
+        out = torch.zeros(token_ids.shape, dtype=torch.float64)
+        if logits is not None:
+            local = logits[rows[:, 0], rows[:, 1]].contiguous()  # (N, vocab / tp)
+            del logits
+            if self.tp > 1:
+                group = parallel_state.get_tensor_model_parallel_group()
+                shards = [torch.empty_like(local) for _ in range(self.tp)]
+                dist.all_gather(shards, local, group=group)
+                local = torch.cat(shards, dim=-1)
+            out = pick_logprobs(local[:, : self.vocab_size], token_ids)
+        if self.pp > 1:
+            dist.broadcast(
+                out,
+                src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                group=parallel_state.get_pipeline_model_parallel_group(),
+            )
+        return out
+
+
+class HFBackend:
+    """A Hugging Face causal LM folder (Llama, Mixtral, ...) through transformers, float32."""
+
+    def __init__(self, folder: str | Path, dtype: torch.dtype = torch.float32):
+        from transformers import AutoModelForCausalLM
+
+        folder = Path(folder)
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"eval.hf_model={folder} is not a Hugging Face model folder (no config.json)")
+        self.model = AutoModelForCausalLM.from_pretrained(str(folder), torch_dtype=dtype)
+        self.model.eval()
+        self.max_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        self.vocab_size = int(self.model.config.vocab_size)
+
+    def selected_logprobs(self, sequences: Sequence[Sequence[int]], rows: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        tokens, mask = pad_right(sequences)
+        with torch.no_grad():
+            decoder = self.model.get_decoder() if hasattr(self.model, "get_decoder") else None
+            head = self.model.get_output_embeddings()
+            if decoder is not None and head is not None:
+                # The output layer only where it is read: full logits of a batch are large.
+                hidden = decoder(input_ids=tokens, attention_mask=mask, use_cache=False).last_hidden_state
+                logits = head(hidden[rows[:, 0], rows[:, 1]])
+            else:
+                logits = self.model(input_ids=tokens, attention_mask=mask, use_cache=False).logits
+                logits = logits[rows[:, 0], rows[:, 1]]
+        return pick_logprobs(logits, token_ids)
+
+
+def checkpoint_weights_dir(path: str | Path) -> Path:
+    """The torch_dist folder of a megatron-core checkpoint or of a NeMo 2 checkpoint (weights/)."""
+    path = Path(path)
+    for candidate in (path, path / "weights"):
+        if (candidate / ".metadata").is_file() or (candidate / "metadata.json").is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"eval.checkpoint={path} is not a megatron-core distributed checkpoint: no .metadata "
+        f"in it or in {path / 'weights'}"
+    )
+
+
+def checkpoint_key_prefix(keys: Sequence[str], anchor: str = "decoder.final_layernorm.weight") -> str:
+    """The prefix the checkpoint puts before megatron's names ('' for megatron, 'module.' for NeMo 2)."""
+    for key in sorted(keys, key=len):
+        if key.endswith(anchor):
+            return key[: -len(anchor)]
+    for key in sorted(keys, key=len):
+        if key.endswith("embedding.word_embeddings.weight"):
+            return key[: -len("embedding.word_embeddings.weight")]
+    raise UpcycleError(f"the checkpoint holds no {anchor} (keys: {sorted(keys)[:5]} ...): not a GPT model")
+
+
+def prefix_sharded_keys(sharded_state: Any, prefix: str) -> Any:
+    """Prepend ``prefix`` to the checkpoint key of every sharded item (in place)."""
+    if not prefix:
+        return sharded_state
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
+
+    for value in nested_values(sharded_state):
+        if isinstance(value, (ShardedTensor, ShardedObject, ShardedTensorFactory)):
+            value.key = prefix + value.key
+    return sharded_state
+
+
+def chunks_sharded_state(chunks: list) -> dict:
+    if len(chunks) == 1:
+        return chunks[0].sharded_state_dict()
+    return {f"chunk{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def load_checkpoint(chunks: list, path: str | Path) -> str:
+    """Load a torch_dist / NeMo 2 checkpoint into this rank's chunks; returns the key prefix used."""
+    from megatron.core import dist_checkpointing
+
+    from nemo_upcycle.upcycle.sources import TorchDistCheckpoint
+
+    folder = checkpoint_weights_dir(path)
+    prefix = checkpoint_key_prefix(list(TorchDistCheckpoint(folder).tensor_shapes()))
+    state = prefix_sharded_keys(chunks_sharded_state(chunks), prefix)
+    try:
+        loaded = dist_checkpointing.load(state, str(folder))
+    except Exception as err:  # megatron reports missing/mismatched keys as various errors
+        raise UpcycleError(
+            f"cannot load eval.checkpoint={path} into the model the config describes "
+            f"(model/moe/parallel settings must match the saved model): {err}"
+        ) from err
+    if len(chunks) == 1:
+        chunks[0].load_state_dict(loaded)
+    else:
+        for i, chunk in enumerate(chunks):
+            chunk.load_state_dict(loaded[f"chunk{i}"])
+    return prefix
