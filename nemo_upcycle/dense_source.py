@@ -21,21 +21,38 @@ def resolve_paths(cfg: Any) -> tuple[Path, Optional[Path]]:
         paths = ensure_embedded(ckpt, cfg.cache_dir)
         tokenizer = Path(cfg.model.tokenizer) if cfg.model.tokenizer else paths["hf"]
         return paths["torch_dist"], tokenizer
-    tokenizer = Path(cfg.model.tokenizer) if cfg.model.tokenizer else None
-    return Path(ckpt), tokenizer
+    path = Path(ckpt)
+    if cfg.model.tokenizer:
+        return path, Path(cfg.model.tokenizer)
+    # A Hugging Face folder usually carries its tokenizer.
+    has_tokenizer = (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
+    return path, path if has_tokenizer else None
+
+
+def is_hf_folder(path: Path) -> bool:
+    """A Hugging Face model folder: config.json and safetensors weights."""
+    return path.is_dir() and (path / "config.json").is_file() and (
+        any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file()
+    )
 
 
 def open_dense_source(cfg: Any) -> DenseSource:
+    """A torch_dist / NeMo 2 checkpoint, or a Hugging Face safetensors folder read in place."""
+    from nemo_upcycle.checkpoint.safetensors_source import HFFormatError, SafetensorsSource
+
     path, _ = resolve_paths(cfg)
     if not path.exists():
         raise UpcycleError(
             f"model.dense_checkpoint={path} does not exist; point it at a megatron-core/NeMo 2 "
-            "distributed checkpoint (import Hugging Face or GGUF models with "
-            "`python -m nemo_upcycle.import_dense`), or use embedded:smollm2_135m"
+            "distributed checkpoint or a Hugging Face safetensors folder (or import a GGUF "
+            "model with `python -m nemo_upcycle.import_dense`), or use embedded:smollm2_135m"
         )
     try:
-        source = TorchDistCheckpoint(path)
-    except CheckpointFormatError as err:
+        if is_hf_folder(path):
+            source = SafetensorsSource(path)
+        else:
+            source = TorchDistCheckpoint(path)
+    except (CheckpointFormatError, HFFormatError) as err:
         raise UpcycleError(str(err)) from None
     check_architecture(cfg, source.tensor_shapes())
     return source

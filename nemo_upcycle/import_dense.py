@@ -1,6 +1,11 @@
 """python -m nemo_upcycle.import_dense source=<HF folder | file.gguf | embedded:smollm2_135m> output_dir=<dir>
 
-Imports a dense Llama-architecture model into a megatron-core distributed checkpoint.
+Imports a Llama-architecture model into a megatron-core distributed checkpoint, one
+tensor at a time: a dense Llama (HF safetensors folder, sharded or not, or a GGUF file)
+becomes a dense checkpoint, a Mixtral folder an MoE checkpoint. ``dtype=float32|bfloat16|
+float16`` converts the weights (default: as stored; float32 for GGUF). An existing
+``output_dir`` is replaced only with ``overwrite=true``, and only once the new checkpoint
+is complete.
 """
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 import hydra
+import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
@@ -22,43 +28,30 @@ class ImportConfig:
     source: str = MISSING
     output_dir: str = MISSING
     overwrite: bool = False
+    dtype: Optional[str] = None
+    progress: bool = True
     cache_dir: str = "${oc.env:NEMO_UPCYCLE_CACHE,${oc.env:HOME}/.cache/nemo_upcycle}"
 
 
 ConfigStore.instance().store(name="import_dense", node=ImportConfig)
 
-
-def _hf_folder_getter(folder: Path):
-    from safetensors import safe_open
-
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise importer.ImportError_(f"{folder} has no *.safetensors files")
-    index = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as handle:
-            for key in handle.keys():
-                index[key] = f
-
-    def get(key: str):
-        if key not in index:
-            raise importer.ImportError_(f"tensor {key} is missing from {folder}")
-        with safe_open(str(index[key]), framework="pt") as handle:
-            return handle.get_tensor(key).float()
-
-    return get
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
-def run_import(source: str, output_dir: Path, cache_dir: Optional[str] = None, overwrite: bool = False) -> dict:
-    from transformers import AutoConfig
+def parse_dtype(name: Optional[str]) -> Optional[torch.dtype]:
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise importer.ImportError_(f"dtype={name!r}: use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
 
-    if output_dir.exists():
-        if not overwrite:
-            raise importer.ImportError_(
-                f"output_dir {output_dir} already exists; choose another or pass overwrite=true"
-            )
-        import shutil
-        shutil.rmtree(output_dir)
+
+def run_import(source: str, output_dir: Path, cache_dir: Optional[str] = None, overwrite: bool = False,
+               dtype: Optional[str] = None, progress: bool = True) -> dict:
+    output_dir = Path(output_dir)
+    importer.check_output_dir(output_dir, overwrite)
+    torch_dtype = parse_dtype(dtype)
     if is_embedded(source):
         from nemo_upcycle.assets import smollm2_gguf
 
@@ -66,31 +59,32 @@ def run_import(source: str, output_dir: Path, cache_dir: Optional[str] = None, o
         if not hf_dir.is_dir():
             hf_dir.parent.mkdir(parents=True, exist_ok=True)
             importer.load_gguf_as_hf(smollm2_gguf(), hf_dir)
-        folder = hf_dir
-    elif source.endswith(".gguf"):
-        model, _ = importer.load_gguf_as_hf(Path(source))
-        arch = importer.DenseArchitecture.from_hf_config(model.config)
-        state = model.state_dict()
-        return importer.write_torch_dist(lambda k: state[k], arch, output_dir)
-    else:
-        folder = Path(source)
-        if not (folder / "config.json").is_file():
-            raise importer.ImportError_(f"{folder} is not a Hugging Face model folder (no config.json)")
-    arch = importer.DenseArchitecture.from_hf_config(AutoConfig.from_pretrained(str(folder)))
-    return importer.write_torch_dist(_hf_folder_getter(folder), arch, output_dir)
+        return importer.import_hf_folder(hf_dir, output_dir, overwrite, torch_dtype, progress)
+    path = Path(source)
+    if source.endswith(".gguf"):
+        return importer.import_gguf(path, output_dir, overwrite, torch_dtype or torch.float32, progress)
+    if not path.exists():
+        raise importer.ImportError_(f"source {path} does not exist")
+    if not path.is_dir():
+        raise importer.ImportError_(f"source {path} is neither a Hugging Face folder nor a .gguf file")
+    return importer.import_hf_folder(path, output_dir, overwrite, torch_dtype, progress)
+
+
+def summary_line(summary: dict, output_dir) -> str:
+    return (
+        f"imported {summary['tensors']} tensors ({summary['chunks']} chunks), "
+        f"{summary['bytes'] / 1e6:.1f} MB in {summary['seconds']:.1f}s -> {output_dir}"
+    )
 
 
 @hydra.main(config_path=None, config_name="import_dense", version_base=None)
 def main(cfg: ImportConfig) -> None:
     try:
-        summary = run_import(cfg.source, Path(cfg.output_dir), cfg.cache_dir, cfg.overwrite)
+        summary = run_import(cfg.source, Path(cfg.output_dir), cfg.cache_dir, cfg.overwrite, cfg.dtype, cfg.progress)
     except importer.ImportError_ as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    print(
-        f"imported {summary['tensors']} tensors, {summary['bytes'] / 1e6:.1f} MB in "
-        f"{summary['seconds']:.1f}s -> {cfg.output_dir}"
-    )
+    print(summary_line(summary, cfg.output_dir), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,22 +1,25 @@
-"""Import a dense Llama-architecture model (HF folder or GGUF) into a torch_dist checkpoint.
+"""Import a Llama-architecture model (HF folder or GGUF) into a torch_dist checkpoint, streaming.
 
 The result is a megatron-core distributed checkpoint, the format online upcycling reads
-and NeMo 2 / Megatron use. It is written under a temporary name and renamed when
-complete, so an interrupted import never leaves a folder that looks finished.
+and NeMo 2 / Megatron use. A dense Llama becomes a dense GPTModel checkpoint; a Mixtral
+folder (e.g. one written by ``nemo_upcycle.export_hf``) becomes an MoE GPTModel
+checkpoint. No model is instantiated: the checkpoint layout comes from a model built on
+the ``meta`` device, and each chunk (one layer's tensor) is read from the source and
+written before the next is read, so peak memory stays near the largest tensor. It is
+written under a temporary name and renamed when complete, so a failed import never leaves
+a folder that looks finished.
 """
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
-from nemo_upcycle.checkpoint.hf_llama import megatron_param_tensors
+from nemo_upcycle.checkpoint.hf_llama import LlamaShape
 
 SUPPORTED_MODEL_TYPES = ("llama",)
 MODEL_INFO = "nemo_upcycle_model.json"
@@ -41,33 +44,125 @@ class DenseArchitecture:
 
     @classmethod
     def from_hf_config(cls, config) -> "DenseArchitecture":
-        model_type = getattr(config, "model_type", None)
-        if model_type not in SUPPORTED_MODEL_TYPES:
+        get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
+        model_type = get("model_type")
+        if model_type not in ("llama", "mixtral"):
             raise ImportError_(
                 f"model_type {model_type!r} is not a Llama-architecture model; nemo-upcycle "
-                f"imports {SUPPORTED_MODEL_TYPES} (Llama 2/3, SmolLM2, TinyLlama, ...)"
+                f"imports {SUPPORTED_MODEL_TYPES} (Llama 2/3, SmolLM2, TinyLlama, ...) and mixtral"
             )
-        if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        if get("attention_bias", False) or get("mlp_bias", False):
             raise ImportError_("attention or MLP biases are not supported (Llama has none)")
         return cls(
-            num_layers=config.num_hidden_layers,
-            hidden_size=config.hidden_size,
-            ffn_hidden_size=config.intermediate_size,
-            num_attention_heads=config.num_attention_heads,
-            num_query_groups=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-            vocab_size=config.vocab_size,
-            max_position_embeddings=config.max_position_embeddings,
-            rotary_base=float(getattr(config, "rope_theta", 10000.0)),
-            norm_eps=float(config.rms_norm_eps),
-            tie_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            num_layers=get("num_hidden_layers"),
+            hidden_size=get("hidden_size"),
+            ffn_hidden_size=get("intermediate_size"),
+            num_attention_heads=get("num_attention_heads"),
+            num_query_groups=get("num_key_value_heads") or get("num_attention_heads"),
+            vocab_size=get("vocab_size"),
+            max_position_embeddings=get("max_position_embeddings", 8192),
+            rotary_base=float(get("rope_theta", 10000.0) or 10000.0),
+            norm_eps=float(get("rms_norm_eps", 1e-5)),
+            tie_embeddings=bool(get("tie_word_embeddings", False)),
         )
 
     def as_model_overrides(self) -> list[str]:
         return [f"model.{k}={v}" for k, v in self.__dict__.items()]
 
 
+def template_overrides(arch: DenseArchitecture, shape: LlamaShape, topk: int = 2) -> list[str]:
+    """Hydra overrides of the model whose checkpoint layout the import writes."""
+    base = ["model=tiny_llama", "model.dense_checkpoint=none", *arch.as_model_overrides()]
+    if shape.num_experts == 0:
+        return base + ["moe=dense"]
+    layers = "all" if len(shape.moe_layers) == shape.num_layers else "[" + ",".join(map(str, shape.moe_layers)) + "]"
+    return base + ["moe=e8t2", f"moe.num_experts={shape.num_experts}", f"moe.topk={topk}",
+                   "moe.granularity=1", f"moe.layers={layers}"]
+
+
+def check_output_dir(output_dir: Path, overwrite: bool) -> None:
+    if output_dir.exists():
+        if not overwrite:
+            raise ImportError_(f"output_dir {output_dir} already exists; choose another or pass overwrite=true")
+
+
+def _replace(output_dir: Path, write) -> dict:
+    """Write next to ``output_dir`` and swap it in only when complete."""
+    staged = output_dir.with_name(output_dir.name + ".new")
+    shutil.rmtree(staged, ignore_errors=True)
+    summary = write(staged)
+    if output_dir.exists():
+        shutil.rmtree(output_dir)
+    staged.rename(output_dir)
+    return summary
+
+
+def import_source(source, arch: DenseArchitecture, output_dir: Path, overwrite: bool = False,
+                  dtype: Optional[torch.dtype] = None, progress: bool = True, topk: int = 2,
+                  info: Optional[dict] = None) -> dict:
+    """Write the torch_dist checkpoint of ``source`` (a :class:`MappedHFSource`)."""
+    from nemo_upcycle.checkpoint.dist_writer import meta_model_template, write_streaming
+
+    output_dir = Path(output_dir)
+    check_output_dir(output_dir, overwrite)
+    tensors, objects = meta_model_template(template_overrides(arch, source.shape, topk))
+    have = source.tensor_shapes()
+    for t in tensors:
+        if t.key not in have or tuple(have[t.key]) != tuple(t.global_shape):
+            raise ImportError_(
+                f"{t.key}: the model needs global shape {list(t.global_shape)}, the source has "
+                f"{list(have[t.key]) if t.key in have else 'no such tensor'}"
+            )
+    dtype = dtype or source.dtype()
+    if not dtype.is_floating_point:
+        raise ImportError_(f"the source's weights are {dtype}, not floating point")
+    model_info = dict(asdict(arch), num_experts=source.shape.num_experts, moe_layers=source.shape.moe_layers,
+                      source=str(source.path), dtype=str(dtype).replace("torch.", ""), **(info or {}))
+
+    def provide(key, offsets, shape):
+        return source.get(key, offsets, shape, dtype)
+
+    def write(target: Path) -> dict:
+        return write_streaming(tensors, objects, provide, target, dtype=dtype,
+                               extra_files={MODEL_INFO: json.dumps(model_info, indent=2)},
+                               progress=progress, desc="import")
+
+    return _replace(output_dir, write)
+
+
+def import_hf_folder(folder: Path, output_dir: Path, overwrite: bool = False,
+                     dtype: Optional[torch.dtype] = None, progress: bool = True) -> dict:
+    from nemo_upcycle.checkpoint.safetensors_source import HFFormatError, SafetensorsSource
+
+    check_output_dir(Path(output_dir), overwrite)
+    try:
+        source = SafetensorsSource(folder)
+    except HFFormatError as err:
+        raise ImportError_(str(err)) from None
+    arch = DenseArchitecture.from_hf_config(source.folder.config)
+    topk = int(source.folder.config.get("num_experts_per_tok", 2) or 2)
+    return import_source(source, arch, output_dir, overwrite, dtype, progress, topk)
+
+
+def import_gguf(gguf_file: Path, output_dir: Path, overwrite: bool = False,
+                dtype: Optional[torch.dtype] = torch.float32, progress: bool = True) -> dict:
+    from nemo_upcycle.checkpoint.gguf_source import GGUFFormatError, GGUFSource
+
+    check_output_dir(Path(output_dir), overwrite)
+    try:
+        source = GGUFSource(gguf_file)
+    except GGUFFormatError as err:
+        raise ImportError_(str(err)) from None
+    return import_source(source, source.architecture(), output_dir, overwrite, dtype, progress,
+                         info={"gguf_quantisations": source.quantisations()})
+
+
 def load_gguf_as_hf(gguf_file: Path, hf_out: Optional[Path] = None):
-    """Dequantise a GGUF file with transformers; optionally keep a safetensors copy."""
+    """Dequantise a GGUF file with transformers; optionally keep a safetensors copy.
+
+    Used for the embedded model's HF copy (135M parameters), which also needs the tokenizer
+    transformers rebuilds from the GGUF metadata.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not gguf_file.is_file():
@@ -94,44 +189,3 @@ def load_gguf_as_hf(gguf_file: Path, hf_out: Optional[Path] = None):
         tokenizer.save_pretrained(str(tmp))
         tmp.rename(hf_out)
     return model, tokenizer
-
-
-def write_torch_dist(
-    get: Callable[[str], torch.Tensor],
-    arch: DenseArchitecture,
-    output_dir: Path,
-    progress: bool = True,
-) -> dict:
-    """Build the dense megatron-core model on one gloo rank, fill it from ``get``, save it."""
-    from megatron.core import dist_checkpointing
-    from tqdm import tqdm
-
-    from nemo_upcycle.config.compose import compose_config
-    from nemo_upcycle.modeling import build_model_chunks
-    from nemo_upcycle.platform.distributed import setup_parallel
-    from nemo_upcycle.testing.multirank import free_port
-
-    started = time.perf_counter()
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
-    cfg = compose_config(["moe=dense", "model=tiny_llama", "model.dense_checkpoint=none", *arch.as_model_overrides()])
-    setup_parallel(cfg.parallel, cfg.seed)
-    (model,) = build_model_chunks(cfg, None)
-    params = dict(model.named_parameters())
-    total_bytes = 0
-    expected = 2 + 6 * arch.num_layers + (0 if arch.tie_embeddings else 1)
-    with torch.no_grad():
-        items = megatron_param_tensors(get, arch.num_layers, arch.num_attention_heads,
-                                       arch.num_query_groups, arch.tie_embeddings)
-        for name, tensor in tqdm(items, total=expected, desc="import", unit="tensor", disable=not progress):
-            target = params[name]
-            if tuple(tensor.shape) != tuple(target.shape):
-                raise ImportError_(f"{name}: source shape {list(tensor.shape)} != expected {list(target.shape)}")
-            target.copy_(tensor)
-            total_bytes += tensor.numel() * tensor.element_size()
-    tmp = output_dir.with_name(output_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    dist_checkpointing.save(model.sharded_state_dict(), str(tmp))
-    (tmp / MODEL_INFO).write_text(json.dumps(arch.__dict__, indent=2))
-    tmp.rename(output_dir)
-    return {"tensors": expected, "bytes": total_bytes, "seconds": time.perf_counter() - started}

@@ -13,6 +13,9 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from nemo_upcycle.checkpoint.export_config import ExportConfig
+from nemo_upcycle.evaluate.config import EvalConfig
+
 
 @dataclass
 class ModelConfig:
@@ -163,6 +166,10 @@ class UpcycleJobConfig:
     world_size: Optional[int] = None
     nodes: Optional[int] = None
     gpus_per_node: Optional[int] = None
+    # python -m nemo_upcycle.evaluate: MMLU and held-out perplexity (nemo_upcycle.evaluate).
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    # python -m nemo_upcycle.export_hf: MoE checkpoint -> Hugging Face Mixtral folder.
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 def register_configs() -> None:
