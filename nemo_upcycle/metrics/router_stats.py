@@ -84,8 +84,12 @@ class RouterStatsCollector:
 
         return hook
 
-    def all_reduce(self, num_layers: int, num_experts: int, topk: int) -> None:
-        """Sum statistics over all ranks (every rank must call this)."""
+    def all_reduce(self, num_layers: int, num_experts: int, topk: int, group=None) -> None:
+        """Sum statistics over all ranks (every rank must call this).
+
+        Training passes a dedicated ``group`` so these reductions never interleave with the
+        model's own collectives on the default group.
+        """
         import torch.distributed as dist
 
         if not dist.is_initialized():
@@ -95,7 +99,7 @@ class RouterStatsCollector:
             packed[layer, :num_experts] = s.assignments
             packed[layer, num_experts] = s.tokens
             packed[layer, num_experts + 1] = s.entropy_sum
-        dist.all_reduce(packed)
+        dist.all_reduce(packed, group=group)
         self.layers = {
             layer: LayerRouterStats(
                 tokens=float(packed[layer, num_experts]),

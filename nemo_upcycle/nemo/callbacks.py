@@ -57,6 +57,11 @@ class UpcycleMetrics(pl.Callback):
         self._started = 0.0
 
     # -- hooks ---------------------------------------------------------------------------
+    def setup(self, trainer, pl_module, stage):
+        # Every rank creates the group here, together; metrics reduce over it only.
+        self._group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        self._rank = dist.get_rank() if dist.is_initialized() else 0
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self.num_experts and self._collector is None:
             self._collector = RouterStatsCollector(_mcore_chunks(pl_module)).__enter__()
@@ -89,14 +94,14 @@ class UpcycleMetrics(pl.Callback):
     def on_train_end(self, trainer, pl_module):
         if self._collector is not None:
             self._collector.__exit__(None, None, None)
-        if self.load_history and trainer.global_rank == 0:
+        if self.load_history and self._rank == 0:
             plot_expert_load(self.load_history, self.plot_layer, self.log_dir / f"expert_load_layer{self.plot_layer}.png")
 
     # -- helpers -------------------------------------------------------------------------
     def _router_metrics(self) -> dict:
         if self._collector is None:
             return {}
-        self._collector.all_reduce(self.cfg.model.num_layers, self.num_experts, self.topk)
+        self._collector.all_reduce(self.cfg.model.num_layers, self.num_experts, self.topk, self._group)
         layers = self._collector.layers
         if not layers:
             return {}
@@ -118,7 +123,7 @@ class UpcycleMetrics(pl.Callback):
         return out
 
     def _emit(self, trainer, record: dict) -> None:
-        if trainer.global_rank != 0:
+        if self._rank != 0:
             return
         numeric = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
         for logger in trainer.loggers:

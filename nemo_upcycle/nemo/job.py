@@ -73,13 +73,16 @@ def build_trainer(cfg: Any, callbacks: list):
         ckpt_parallel_save=True,
         ckpt_load_strictness="log_all",
     )
+    # NeMo 2.7.3 bug: its ProgressPrinter gathers megatron's timers across all ranks but is
+    # called on rank 0 only, so the first logged step deadlocks any multi-rank job whose
+    # timers recorded something. Without timers megatron records nothing to gather.
+    strategy.timers = None
     checkpoint = nl.ModelCheckpoint(
         every_n_train_steps=tr.checkpoint_every_n_steps,
         save_last=True,
-        save_top_k=-1,
-        monitor="step",
-        mode="max",
-        filename="{step}",
+        save_top_k=2,
+        monitor="reduced_train_loss",
+        filename="{reduced_train_loss:.2f}-{step}-{consumed_samples}",
         save_optim_on_train_end=True,
     )
     precision = nl.MegatronMixedPrecision(precision="bf16-mixed") if _bf16(cfg) else None

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The whole test suite, including the slow end-to-end checks on the full SmolLM2-135M
+# (marked `slow`; deselect them with `bash scripts/run_tests.sh -m "not slow"`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+export PYTHONWARNINGS=${PYTHONWARNINGS:-ignore}
+exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 "$@" tests
