@@ -1,0 +1,109 @@
+"""Hydra configuration: composition, schema errors, and semantic validation."""
+import subprocess
+import sys
+
+import pytest
+
+from nemo_upcycle.config.compose import compose_config
+from nemo_upcycle.config.moe_layers import MoELayerSpecError, moe_layer_indices, moe_layer_pattern
+from nemo_upcycle.config.validate import ConfigError, collect_problems, validate
+from tests.conftest import REPO
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
+                          cwd=cwd or REPO, timeout=120)
+
+
+def test_cfg_job_prints_the_composed_config():
+    out = run_cli("nemo_upcycle.train", "--cfg", "job", "moe=e8t2", "router=sinkhorn", "parallel.ep=2")
+    assert out.returncode == 0, out.stderr
+    for expected in ("num_experts: 8", "topk: 2", "type: sinkhorn", "ep: 2", "dense_checkpoint: embedded:smollm2_135m"):
+        assert expected in out.stdout
+
+
+def test_experts_not_divisible_by_ep_fails_at_once_naming_both(tmp_path):
+    out = run_cli("nemo_upcycle.train", "moe.num_experts=7", "parallel.ep=2", f"log_dir={tmp_path}/run", cwd=tmp_path)
+    assert out.returncode == 2
+    assert "moe.num_experts=7" in out.stderr and "parallel.ep=2" in out.stderr
+    assert list(tmp_path.iterdir()) == [], "a rejected command must not create files"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("moe.num_expert=8", "num_expert"),  # typo in a key
+    ("moe.topk=two", "topk"),  # wrong type
+    ("router=top2", "router"),  # no such option in a group
+])
+def test_schema_rejects_typos_and_wrong_types(override, message):
+    out = run_cli("nemo_upcycle.train", "--cfg", "job", override)
+    assert out.returncode != 0
+    assert message in out.stderr
+
+
+def test_help_lists_the_config_groups():
+    out = run_cli("nemo_upcycle.train", "--help")
+    assert out.returncode == 0
+    for group in ("model:", "moe:", "router:", "parallel:", "trainer:", "data:"):
+        assert group in out.stdout
+    assert "e8t2" in out.stdout and "topk_softmax" in out.stdout
+
+
+def test_every_model_moe_router_combination_composes():
+    for model in ("smollm2_135m", "llama3_8b", "tiny_llama"):
+        for moe in ("e8t2", "e8t1", "e16t4", "dense"):
+            for router in ("topk_softmax", "softmax_topk", "sinkhorn", "aux_free"):
+                cfg = compose_config([f"model={model}", f"moe={moe}", f"router={router}", "model.dense_checkpoint=x"])
+                assert cfg.moe.name == moe and cfg.router.type == router
+
+
+def _problems(*overrides, world_size=None):
+    return collect_problems(compose_config(["model=tiny_llama", "model.dense_checkpoint=x", *overrides]), world_size)
+
+
+@pytest.mark.parametrize("overrides, world, needle", [
+    (["moe.num_experts=7", "parallel.ep=2"], None, "not divisible by parallel.ep=2"),
+    (["moe.topk=9"], None, "moe.topk=9 must be between 1 and moe.num_experts=8"),
+    (["moe.capacity_factor=0"], None, "moe.capacity_factor=0.0 must be > 0"),
+    (["moe.capacity_factor=-1"], None, "must be > 0, or null for dropless"),
+    (["moe.granularity=3"], None, "model.ffn_hidden_size=128 is not divisible by moe.granularity=3"),
+    (["parallel.tp=3"], None, "model.num_attention_heads=4 is not divisible by parallel.tp=3"),
+    (["parallel.pp=3"], None, "model.num_layers=4 is not divisible by parallel.pp*vpp"),
+    (["parallel.pp=2", "parallel.vpp=4"], None, "parallel.pp*vpp = 2*4 = 8"),
+    (["parallel.tp=2"], None, "needs sequence parallelism: set parallel.sp=true"),
+    (["parallel.tp=2", "parallel.sp=true"], 3, "world size 3 is not divisible by tp*pp*cp"),
+    (["parallel.ep=4"], 2, "not divisible by etp*ep*pp"),
+    (["parallel.world_size=4"], 2, "parallel.world_size=4 but the launcher started 2 ranks"),
+    (["moe.layers=[0,9]"], None, "moe.layers contains [9], out of range for model.num_layers=4"),
+    (["moe.layers=every_x"], None, "expected every_<k>"),
+    (["router=sinkhorn", "router.aux_loss_coeff=0.01"], None, "set router.aux_loss_coeff=0"),
+    (["router.load_balancing=sinkhorn"], None, "only valid with router.type=sinkhorn"),
+    (["moe.capacity_factor=1", "moe.token_dispatcher=allgather"], None, "needs moe.token_dispatcher=alltoall"),
+    (["moe=dense", "parallel.ep=2"], None, "only apply to MoE models"),
+])
+def test_contradictions_are_named(overrides, world, needle):
+    problems = _problems(*overrides, world_size=world)
+    assert any(needle in p for p in problems), problems
+
+
+def test_valid_layouts_have_no_problems():
+    assert _problems() == []
+    assert _problems("parallel.tp=2", "parallel.sp=true", "parallel.ep=2", world_size=4) == []
+    assert _problems("parallel.pp=2", "parallel.vpp=2", "parallel.ep=2", world_size=4) == []
+    assert _problems("moe.layers=every_2", "moe.capacity_factor=2") == []
+
+
+def test_validate_reports_all_problems_at_once():
+    cfg = compose_config(["model=tiny_llama", "model.dense_checkpoint=x", "moe.num_experts=7",
+                          "parallel.ep=2", "moe.topk=9"])
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert len(err.value.problems) >= 2
+
+
+def test_moe_layer_specs():
+    assert moe_layer_indices("all", 4) == [0, 1, 2, 3]
+    assert moe_layer_indices("every_2", 5) == [0, 2, 4]
+    assert moe_layer_indices([3, 1, 1], 4) == [1, 3]
+    assert moe_layer_pattern("every_2", 4) == [1, 0, 1, 0]
+    with pytest.raises(MoELayerSpecError):
+        moe_layer_indices([4], 4)

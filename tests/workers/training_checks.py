@@ -1,0 +1,67 @@
+"""Helpers for the end-to-end training tests: launch the real job, read what it wrote."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from nemo_upcycle.testing.multirank import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def train_command(nproc: int, overrides: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+            f"--master_port={free_port()}", "--max_restarts=0", "-m", "nemo_upcycle.train", *overrides]
+
+
+def run_training(nproc: int, overrides: list[str], timeout_s: float = 420) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.Popen(train_command(nproc, overrides), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, cwd=REPO, env=env, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"training did not finish within {timeout_s}s:\n{out[-4000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+
+
+def run_and_kill_a_rank(nproc: int, overrides: list[str], metrics: Path, kill_after_step: int,
+                        timeout_s: float = 420) -> tuple[subprocess.CompletedProcess, float]:
+    """Start the job, SIGKILL one worker once ``kill_after_step`` is logged; return how
+    long the job took to fail after the kill."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.Popen(train_command(nproc, overrides), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, cwd=REPO, env=env, start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            if metrics.is_file() and any(json.loads(l)["step"] >= kill_after_step for l in metrics.read_text().splitlines()):
+                break
+            if proc.poll() is not None:
+                raise AssertionError(f"the job ended before step {kill_after_step}:\n{proc.stdout.read()[-4000:]}")
+            time.sleep(0.2)
+        # torchrun's workers are the launcher's child processes.
+        workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        os.kill(int(workers[-1]), signal.SIGKILL)
+        killed_at = time.monotonic()
+        out, _ = proc.communicate(timeout=120)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, ""), time.monotonic() - killed_at
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def read_metrics(log_dir: Path) -> list[dict]:
+    path = log_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def losses_by_step(log_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(log_dir) if "loss" in r}
