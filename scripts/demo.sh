@@ -20,7 +20,7 @@ $PY -m torch.distributed.run --nproc_per_node="$NPROC" -m nemo_upcycle.evaluate 
   "${PPL[@]}" "log_dir=$LOG_DIR/eval_dense" | tee "$LOG_DIR/ppl_before.txt"
 echo "== 3/3 held-out perplexity of the trained E8T2 MoE (after)"
 $PY -m torch.distributed.run --nproc_per_node="$NPROC" -m nemo_upcycle.evaluate "${COMMON[@]}" \
-  "eval.checkpoint=$LAST" "${PPL[@]}" "log_dir=$LOG_DIR/eval_moe" | tee "$LOG_DIR/ppl_after.txt"
+  "eval.checkpoint='$LAST'" "${PPL[@]}" "log_dir=$LOG_DIR/eval_moe" | tee "$LOG_DIR/ppl_after.txt"
 
 echo
 echo "checkpoint:        $LAST"

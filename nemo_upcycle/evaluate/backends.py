@@ -161,6 +161,9 @@ def load_checkpoint(chunks: list, path: str | Path) -> str:
             f"cannot load eval.checkpoint={path} into the model the config describes "
             f"(model/moe/parallel settings must match the saved model): {err}"
         ) from err
+    # megatron merges the checkpoint's common (non-tensor) state into the result; a NeMo
+    # trainer checkpoint keeps its trainer state there (epoch, loops, optimizer, ...).
+    loaded = {key: value for key, value in loaded.items() if key in state}
     if len(chunks) == 1:
         chunks[0].load_state_dict(loaded)
     else:

@@ -174,7 +174,6 @@ def plot_expert_load(history: list[list[float]], layer: Optional[int], path: Pat
     fig, ax = plt.subplots(figsize=(8, 4.5))
     steps = range(1, loads.shape[0] + 1)
     ax.stackplot(steps, loads.T.numpy(), labels=[f"expert {e}" for e in range(loads.shape[1])])
-    ax.axhline(0.5, color="white", linewidth=0.5)
     ax.set_xlabel("training step")
     ax.set_ylabel("fraction of routed tokens")
     ax.set_title(f"Per-expert load, layer {layer}")

@@ -104,7 +104,7 @@ def build_trainer(cfg: Any, callbacks: list):
     )
     logger = nl.NeMoLogger(
         log_dir=str(cfg.log_dir), name=RUN_NAME, use_datetime_version=False, version=None,
-        ckpt=checkpoint, update_logger_directory=True,
+        ckpt=checkpoint, update_logger_directory=False,
         tensorboard=_tensorboard(cfg),
     )
     return trainer, logger

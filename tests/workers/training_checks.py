@@ -34,28 +34,39 @@ def run_training(nproc: int, overrides: list[str], timeout_s: float = 420) -> su
 
 def run_and_kill_a_rank(nproc: int, overrides: list[str], metrics: Path, kill_after_step: int,
                         timeout_s: float = 420) -> tuple[subprocess.CompletedProcess, float]:
-    """Start the job, SIGKILL one worker once ``kill_after_step`` is logged; return how
-    long the job took to fail after the kill."""
+    """Start the job, SIGKILL one worker once ``kill_after_step`` is logged; return the
+    result and how long torchrun took to exit after the kill.
+
+    Output goes to a file, not a pipe: helper processes of the killed worker (the
+    checkpoint writer's multiprocessing manager) can outlive it and would hold a pipe open.
+    """
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.Popen(train_command(nproc, overrides), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, cwd=REPO, env=env, start_new_session=True)
+    log = metrics.parent.with_name(metrics.parent.name + "-killed.log")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as out:
+        proc = subprocess.Popen(train_command(nproc, overrides), stdout=out, stderr=subprocess.STDOUT,
+                                text=True, cwd=REPO, env=env, start_new_session=True)
     deadline = time.monotonic() + timeout_s
     try:
         while time.monotonic() < deadline:
             if metrics.is_file() and any(json.loads(l)["step"] >= kill_after_step for l in metrics.read_text().splitlines()):
                 break
             if proc.poll() is not None:
-                raise AssertionError(f"the job ended before step {kill_after_step}:\n{proc.stdout.read()[-4000:]}")
+                raise AssertionError(f"the job ended before step {kill_after_step}:\n{log.read_text()[-4000:]}")
             time.sleep(0.2)
         # torchrun's workers are the launcher's child processes.
-        workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        workers = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "nemo_upcycle.train"],
+                                 capture_output=True, text=True).stdout.split()
+        assert len(workers) == nproc, f"expected {nproc} workers, found {workers}"
         os.kill(int(workers[-1]), signal.SIGKILL)
         killed_at = time.monotonic()
-        out, _ = proc.communicate(timeout=120)
-        return subprocess.CompletedProcess(proc.args, proc.returncode, out, ""), time.monotonic() - killed_at
+        returncode = proc.wait(timeout=180)
+        return subprocess.CompletedProcess(proc.args, returncode, log.read_text(), ""), time.monotonic() - killed_at
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # stragglers of the failed job
+        except ProcessLookupError:
+            pass
 
 
 def read_metrics(log_dir: Path) -> list[dict]:
