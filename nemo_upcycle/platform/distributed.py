@@ -2,8 +2,7 @@
 from __future__ import annotations
 
 import datetime
-import os
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -66,8 +65,3 @@ def teardown_parallel() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-
-
-def world_size_from_env() -> Optional[int]:
-    launch = read_launch_env()
-    return launch.world_size if launch.launcher != "single" else int(os.environ.get("WORLD_SIZE", 1))
