@@ -36,6 +36,10 @@ class UpcycleGPTConfig(GPTConfig):
 
 def make_gpt_config(cfg: Any, upcycle_from: Optional[str]) -> UpcycleGPTConfig:
     kwargs = transformer_config_kwargs(cfg)
+    # Upcycling writes every parameter (the engine checks), so megatron's random init would
+    # be thrown away: skipping it saves most of the model's construction time and the
+    # full-size master weights it allocates per tensor-parallel weight.
+    kwargs["perform_initialization"] = upcycle_from is None
     # The trainer, not the model, owns pipeline parallel sizes in NeMo's strategy; keep both
     # consistent by passing the same values.
     return UpcycleGPTConfig(

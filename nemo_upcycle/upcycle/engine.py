@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from nemo_upcycle.upcycle import scaling, symmetry
+from nemo_upcycle.upcycle.errors import UpcycleError
 from nemo_upcycle.upcycle.plan import PlanEntry, UpcyclePlan, build_plan
 from nemo_upcycle.upcycle.router_init import router_weights
 from nemo_upcycle.upcycle.sources import DenseSource, SliceRequest
@@ -58,6 +59,11 @@ def upcycle_from_dense(chunks: list, cfg: Any, source: DenseSource) -> UpcycleRe
     started = time.perf_counter()
     plan = build_plan(chunks, cfg, source.tensor_shapes())
     tensors = named_tensors(chunks)
+    # Models built for upcycling skip megatron's random init (perform_initialization=False:
+    # every value is written here), so a parameter the plan missed would hold garbage.
+    unplanned = sorted(set(tensors) - {e.target for e in plan.entries})
+    if unplanned:
+        raise UpcycleError(f"the upcycle plan does not fill {len(unplanned)} parameter(s): {unplanned[:5]}")
     with torch.no_grad():
         stats = source.read(slice_requests(plan, tensors))
         copies = plan.by_kind("copy")

@@ -265,10 +265,12 @@ def build_plan(chunks: list, cfg, dense_shapes: dict[str, tuple[int, ...]]) -> U
                 )
             )
 
+        # One walk of the module tree per chunk (a walk per layer is quadratic in depth).
+        module_names = {id(m): n for n, m in chunk.named_modules()}
         for layer_module in chunk.decoder.layers:
             layer = layer_module.layer_number - 1
             mlp = layer_module.mlp
-            prefix = f"{c}/" + _module_name(chunk, mlp)
+            prefix = f"{c}/" + _module_name(module_names, mlp)
             fc1_key, lead, stacked = resolver.resolve(layer, "mlp.linear_fc1.weight")
             fc2_key, _, _ = resolver.resolve(layer, "mlp.linear_fc2.weight")
             fc1_dense = resolver.dense_shape(layer, "mlp.linear_fc1.weight")
@@ -307,8 +309,7 @@ def build_plan(chunks: list, cfg, dense_shapes: dict[str, tuple[int, ...]]) -> U
     return UpcyclePlan(entries)
 
 
-def _module_name(root: torch.nn.Module, module: torch.nn.Module) -> str:
-    for name, candidate in root.named_modules():
-        if candidate is module:
-            return name
+def _module_name(names: dict[int, str], module: torch.nn.Module) -> str:
+    if id(module) in names:
+        return names[id(module)]
     raise KeyError(f"{type(module).__name__} is not part of the model chunk")

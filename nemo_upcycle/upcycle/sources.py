@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Optional, Protocol
 
 import torch
 
@@ -62,6 +62,31 @@ class CheckpointFormatError(ValueError):
     pass
 
 
+def _contiguous_span(sizes: tuple, offsets: tuple, lengths: tuple) -> Optional[tuple[int, int]]:
+    """(first element, element count) of a box in a row-major array, if the box is one span.
+
+    It is when every axis after some axis k is taken whole and every axis before k has
+    length 1 (e.g. a block of rows of a matrix); a block of columns is not.
+    """
+    k = next((j for j in reversed(range(len(sizes))) if lengths[j] != sizes[j]), None)
+    if k is None:
+        return 0, _numel(sizes)
+    if any(lengths[j] != 1 for j in range(k)):
+        return None
+    first, stride = 0, 1
+    for j in reversed(range(len(sizes))):
+        first += offsets[j] * stride
+        stride *= sizes[j]
+    return first, _numel(lengths)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
 def _torch_dist_dir(path: Path) -> Path:
     """A torch_dist checkpoint folder, or a NeMo 2 checkpoint whose weights/ holds one."""
     for candidate in (path, path / "weights"):
@@ -75,13 +100,40 @@ def _torch_dist_dir(path: Path) -> Path:
     )
 
 
+def check_shard_sizes(folder: Path, expected: dict[str, int]) -> None:
+    """Every data file the metadata names exists and is at least as long as its chunks need.
+
+    ``expected`` maps file name -> the largest ``offset + length`` of any chunk stored in it.
+    Reports every short or missing file at once, with expected and actual bytes.
+    """
+    problems = []
+    for name, need in sorted(expected.items()):
+        file = folder / name
+        if not file.is_file():
+            problems.append(f"{file} is missing (the metadata stores {need:,} bytes of tensors in it)")
+            continue
+        have = file.stat().st_size
+        if have < need:
+            problems.append(
+                f"{file} is truncated: the checkpoint metadata says it holds {need:,} bytes, "
+                f"the file has {have:,} ({need - have:,} missing)"
+            )
+    if problems:
+        raise CheckpointFormatError(
+            f"the checkpoint {folder} is incomplete (an interrupted copy or download?):\n"
+            + "\n".join(f"  - {p}" for p in problems)
+            + "\ncopy it again from its source, or re-import it with `python -m nemo_upcycle.import_dense`"
+        )
+
+
 class TorchDistCheckpoint:
     """A megatron-core ``torch_dist`` checkpoint (also NeMo 2's ``weights/`` folder).
 
     Reads go straight to PyTorch's distributed-checkpoint storage layer on this rank
     alone: no process group, no collective, no planning exchange. Each stored chunk is
-    read at most once per :meth:`read` call and released before the next, so peak memory
-    is the destination tensors plus one chunk.
+    read at most once per :meth:`read` call, straight into its destination when one
+    request takes all of it, otherwise through one chunk-sized buffer released before the
+    next, so peak memory is the destination tensors plus at most one chunk.
     """
 
     def __init__(self, path: str | Path):
@@ -96,6 +148,9 @@ class TorchDistCheckpoint:
                 f"cannot read the checkpoint metadata in {self.path}: {err}"
             ) from err
         self._storage = self.metadata.storage_data
+        # Cheap (one stat per file) and before any weight is read: a shard cut short by an
+        # interrupted copy would otherwise surface mid-read, or as garbage weights.
+        check_shard_sizes(self.path, self.storage_files())
 
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -137,24 +192,88 @@ class TorchDistCheckpoint:
                 handle = handles.get(info.relative_path)
                 if handle is None:
                     handle = handles[info.relative_path] = open(self.path / info.relative_path, "rb")
-                handle.seek(info.offset)
-                blob = handle.read(info.length)
-                if len(blob) != info.length:
-                    raise CheckpointFormatError(
-                        f"{self.path / info.relative_path} is truncated: tensor {index.fqn} needs "
-                        f"bytes {info.offset}..{info.offset + info.length}"
-                    )
-                chunk = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-                del blob
-                stats.bytes_read += info.length
-                stats.chunks_read += 1
                 with torch.no_grad():
-                    for item, target in by_chunk[index]:
-                        src = narrow_tensor_by_index(chunk, item.storage_offsets, item.lengths)
-                        dst = narrow_tensor_by_index(target, item.dest_offsets, item.lengths)
-                        dst.copy_(src)
-                del chunk
+                    read = self._read_in_place(index, info, handle, by_chunk[index])
+                    if read is None:
+                        self._read_with_torch_load(index, info, handle, by_chunk[index])
+                        read = info.length
+                stats.bytes_read += read
+                stats.chunks_read += 1
         finally:
             for handle in handles.values():
                 handle.close()
         return stats
+
+    def _chunk_shape(self, index) -> tuple[torch.Size, torch.dtype]:
+        """Shape and dtype of the stored chunk ``index`` (from the metadata: no read)."""
+        md = self.metadata.state_dict_metadata[index.fqn]
+        offsets = torch.Size(index.offset)
+        hint = index.index
+        if hint is not None and hint < len(md.chunks) and md.chunks[hint].offsets == offsets:
+            return md.chunks[hint].sizes, md.properties.dtype
+        for chunk in md.chunks:
+            if chunk.offsets == offsets:
+                return chunk.sizes, md.properties.dtype
+        raise CheckpointFormatError(f"{self.path}: no stored chunk of {index.fqn} at offsets {list(offsets)}")
+
+    def _read_in_place(self, index, info, handle, items) -> Optional[int]:
+        """Read the chunk's raw values without ``torch.load`` (see stored_tensor); bytes read, or None.
+
+        A request whose part of the chunk is one contiguous byte range (a whole layer's
+        tensor, or a block of rows: tensor-parallel slices of column-parallel weights) and
+        whose destination is contiguous is read straight from the file into the parameter:
+        no temporary memory, and only those bytes. Any other request (columns of a
+        row-parallel weight) is served from one chunk-sized buffer, read once.
+        """
+        from nemo_upcycle.upcycle.stored_tensor import locate_payload
+
+        sizes, dtype = self._chunk_shape(index)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        expected = sizes.numel() * itemsize
+        payload = locate_payload(handle, info.offset, info.length, expected)
+        if payload is None:
+            return None
+        buffer = None
+        read = 0
+        for item, target in items:
+            dst = narrow_tensor_by_index(target, item.dest_offsets, item.lengths)
+            span = _contiguous_span(tuple(sizes), tuple(item.storage_offsets), tuple(item.lengths))
+            if span is not None and dst.dtype == dtype and dst.is_contiguous():
+                first, count = span
+                self._read_into(handle, payload.offset + first * itemsize, dst, count * itemsize, index, info)
+                read += count * itemsize
+                continue
+            if buffer is None:
+                buffer = torch.empty(sizes, dtype=dtype)
+                self._read_into(handle, payload.offset, buffer, expected, index, info)
+                read += expected
+            dst.copy_(narrow_tensor_by_index(buffer, item.storage_offsets, item.lengths))
+        return read
+
+    def _read_into(self, handle, offset: int, dst: torch.Tensor, nbytes: int, index, info) -> None:
+        """``nbytes`` from ``offset`` of the file straight into the memory of contiguous ``dst``."""
+        handle.seek(offset)
+        view = memoryview(dst.detach().reshape(-1).view(torch.uint8).numpy())
+        got = 0
+        while got < nbytes:
+            n = handle.readinto(view[got:nbytes])
+            if not n:
+                raise CheckpointFormatError(
+                    f"{self.path / info.relative_path} is truncated: tensor {index.fqn} needs "
+                    f"bytes {offset}..{offset + nbytes}"
+                )
+            got += n
+
+    def _read_with_torch_load(self, index, info, handle, items) -> None:
+        handle.seek(info.offset)
+        blob = handle.read(info.length)
+        if len(blob) != info.length:
+            raise CheckpointFormatError(
+                f"{self.path / info.relative_path} is truncated: tensor {index.fqn} needs "
+                f"bytes {info.offset}..{info.offset + info.length}"
+            )
+        chunk = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+        del blob
+        for item, target in items:
+            src = narrow_tensor_by_index(chunk, item.storage_offsets, item.lengths)
+            narrow_tensor_by_index(target, item.dest_offsets, item.lengths).copy_(src)
