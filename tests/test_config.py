@@ -79,6 +79,15 @@ def _problems(*overrides, world_size=None):
     (["router.load_balancing=sinkhorn"], None, "only valid with router.type=sinkhorn"),
     (["moe.capacity_factor=1", "moe.token_dispatcher=allgather"], None, "needs moe.token_dispatcher=alltoall"),
     (["moe=dense", "parallel.ep=2"], None, "only apply to MoE models"),
+    # router type vs capacity factor / top-k, as megatron-core's TransformerConfig rejects them
+    (["router=sinkhorn", "moe.capacity_factor=2"], None, "does not work with router.load_balancing=sinkhorn"),
+    (["moe.topk=1"], None, "moe.topk=1 with router.type=topk_softmax"),
+    # guard rails must be able to fire, and not fire on every step
+    (["moe.capacity_factor=1", "trainer.guard_max_dropped_fraction=1.5"], None, "must be in [0, 1)"),
+    (["trainer.guard_max_dropped_fraction=0.1"], None, "can never fire: moe.capacity_factor=null"),
+    (["trainer.guard_max_load_ratio=4"], None, "below moe.num_experts/moe.topk = 4"),
+    (["trainer.guard_max_load_ratio=0.5"], None, "must be >= 1 (1 = perfectly balanced)"),
+    (["moe=dense", "trainer.guard_max_load_ratio=2"], None, "moe=dense has none"),
 ])
 def test_contradictions_are_named(overrides, world, needle):
     problems = _problems(*overrides, world_size=world)
@@ -90,6 +99,10 @@ def test_valid_layouts_have_no_problems():
     assert _problems("parallel.tp=2", "parallel.sp=true", "parallel.ep=2", world_size=4) == []
     assert _problems("parallel.pp=2", "parallel.vpp=2", "parallel.ep=2", world_size=4) == []
     assert _problems("moe.layers=every_2", "moe.capacity_factor=2") == []
+    assert _problems("moe.topk=1", "router=softmax_topk") == []
+    assert _problems("moe.topk=1", "moe.granularity=2") == []  # top-2 of the fine experts
+    assert _problems("moe.capacity_factor=1", "trainer.guard_max_dropped_fraction=0.2",
+                     "trainer.guard_max_load_ratio=3") == []
 
 
 def test_validate_reports_all_problems_at_once():

@@ -35,13 +35,31 @@ def run_training(nproc: int, overrides: list[str], timeout_s: float = 420) -> su
 def run_and_kill_a_rank(nproc: int, overrides: list[str], metrics: Path, kill_after_step: int,
                         timeout_s: float = 420) -> tuple[subprocess.CompletedProcess, float]:
     """Start the job, SIGKILL one worker once ``kill_after_step`` is logged; return the
-    result and how long torchrun took to exit after the kill.
+    result and how long torchrun took to exit after the kill."""
+    def logged() -> bool:
+        return metrics.is_file() and any(json.loads(l)["step"] >= kill_after_step
+                                         for l in metrics.read_text().splitlines())
 
-    Output goes to a file, not a pipe: helper processes of the killed worker (the
+    return _kill_a_rank_when(nproc, overrides, metrics.parent, logged, f"step {kill_after_step}", timeout_s)
+
+
+def run_and_kill_a_rank_during_save(nproc: int, overrides: list[str], log_dir: Path,
+                                    timeout_s: float = 420) -> tuple[subprocess.CompletedProcess, float]:
+    """Start the job, SIGKILL one worker while NeMo writes a checkpoint: NeMo places the
+    ``<checkpoint>-unfinished`` marker before the first byte and removes it after the last
+    (all ranks synchronised around both), so the marker's presence is the save in flight."""
+    ckpt_dir = log_dir / "upcycle" / "checkpoints"
+    return _kill_a_rank_when(nproc, overrides, log_dir, lambda: any(ckpt_dir.glob("*-unfinished")),
+                             "a checkpoint save", timeout_s, poll_s=0.02)
+
+
+def _kill_a_rank_when(nproc: int, overrides: list[str], log_dir: Path, ready, what: str, timeout_s: float,
+                      poll_s: float = 0.2) -> tuple[subprocess.CompletedProcess, float]:
+    """Output goes to a file, not a pipe: helper processes of the killed worker (the
     checkpoint writer's multiprocessing manager) can outlive it and would hold a pipe open.
     """
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    log = metrics.parent.with_name(metrics.parent.name + "-killed.log")
+    log = log_dir.with_name(log_dir.name + "-killed.log")
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
         proc = subprocess.Popen(train_command(nproc, overrides), stdout=out, stderr=subprocess.STDOUT,
@@ -49,11 +67,13 @@ def run_and_kill_a_rank(nproc: int, overrides: list[str], metrics: Path, kill_af
     deadline = time.monotonic() + timeout_s
     try:
         while time.monotonic() < deadline:
-            if metrics.is_file() and any(json.loads(l)["step"] >= kill_after_step for l in metrics.read_text().splitlines()):
+            if ready():
                 break
             if proc.poll() is not None:
-                raise AssertionError(f"the job ended before step {kill_after_step}:\n{log.read_text()[-4000:]}")
-            time.sleep(0.2)
+                raise AssertionError(f"the job ended before {what}:\n{log.read_text()[-4000:]}")
+            time.sleep(poll_s)
+        else:
+            raise AssertionError(f"no {what} within {timeout_s:.0f}s:\n{log.read_text()[-4000:]}")
         # torchrun's workers are the launcher's child processes.
         workers = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "nemo_upcycle.train"],
                                  capture_output=True, text=True).stdout.split()

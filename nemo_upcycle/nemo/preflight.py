@@ -1,0 +1,153 @@
+"""Checks of the training job's output location, run before any weight is read.
+
+A job that cannot write its checkpoints should fail in seconds with the reason, not after
+hours of training when the first save fails (or, worse, leaves a half-written checkpoint on
+a full disk). Two things are checked, without creating anything:
+
+* ``log_dir`` is writable (or creatable): a probe file in the nearest existing folder;
+* the disk holding it has room for the MoE checkpoints this run will keep, estimated from
+  the planner's exact parameter count.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+from nemo_upcycle.upcycle.errors import UpcycleError
+
+
+class PreflightError(UpcycleError):
+    """The job's output location cannot hold what the job will write."""
+
+
+def nearest_existing(path: Path) -> Path:
+    """``path`` or its closest ancestor that exists (what a later mkdir -p starts from)."""
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_log_dir_writable(log_dir: str | Path) -> None:
+    log_dir = Path(log_dir)
+    base = nearest_existing(log_dir)
+    if not base.is_dir():
+        raise PreflightError(
+            f"log_dir={log_dir} cannot be created: {base} is a file, not a folder; "
+            "choose another log_dir"
+        )
+    try:
+        # A real write, not os.access: permission bits say nothing about read-only mounts,
+        # quotas or ACLs. The probe is removed at once, so a refused run leaves no file.
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=base)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise PreflightError(
+            f"log_dir={log_dir} is not writable: creating a file in {base} failed "
+            f"({err.strerror or err}); choose a writable log_dir or fix the folder's permissions"
+        ) from None
+
+
+# -- disk space ------------------------------------------------------------------------
+
+
+def checkpoint_weight_bytes(cfg: Any) -> int:
+    """Bytes of one MoE checkpoint's tensors: weights, Adam's two moments, fp32 master copy.
+
+    Every parameter is stored once across all ranks (distributed checkpoints hold no
+    replicas), in the training dtype, plus 8 bytes of Adam moments and, for 16-bit weights,
+    a 4-byte fp32 master copy: 12 bytes per parameter on CPU (fp32), 14 with bf16.
+    """
+    from nemo_upcycle.nemo.job import _bf16
+    from nemo_upcycle.planning.memory import Precision
+    from nemo_upcycle.planning.params import model_params
+
+    precision = Precision(param_bytes=2 if _bf16(cfg) else 4)
+    return model_params(cfg).total * (precision.param_bytes + precision.optimizer_bytes)
+
+
+def tokenizer_folder(cfg: Any) -> Optional[Path]:
+    """The tokenizer folder the job will use, without importing the embedded model.
+
+    Mirrors :func:`nemo_upcycle.dense_source.resolve_paths` minus its side effect (the
+    first run's import), which a preflight check must not trigger.
+    """
+    from nemo_upcycle.checkpoint.embedded import EMBEDDED_PREFIX, embedded_paths, is_embedded
+
+    if cfg.model.tokenizer:
+        return Path(cfg.model.tokenizer)
+    ckpt = str(cfg.model.dense_checkpoint)
+    if is_embedded(ckpt):
+        return embedded_paths(cfg.cache_dir, ckpt[len(EMBEDDED_PREFIX):])["hf"]
+    path = Path(ckpt)
+    return path if (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file() else None
+
+
+def folder_bytes(path: Optional[Path]) -> int:
+    if path is None or not path.exists():
+        return 0
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def checkpoint_bytes(cfg: Any) -> int:
+    """Estimated size of one ``-last`` checkpoint as NeMo writes it.
+
+    NeMo's ``context/`` copies the whole tokenizer folder into every checkpoint (for the
+    embedded SmolLM2 that folder also holds the 538 MB dense safetensors), so it counts too.
+    """
+    return checkpoint_weight_bytes(cfg) + folder_bytes(tokenizer_folder(cfg))
+
+
+def checkpoints_on_disk_at_peak(trainer: Any) -> int:
+    """How many checkpoints exist at once: NeMo writes the new ``-last`` before deleting the
+    previous one, so two as soon as the run saves more than once; none if it never saves."""
+    every = trainer.checkpoint_every_n_steps
+    if every <= 0:
+        return 0
+    return 1 if trainer.max_steps <= every else 2
+
+
+def check_disk_space(cfg: Any) -> None:
+    from nemo_upcycle.nemo.job import checkpoint_dir
+
+    copies = checkpoints_on_disk_at_peak(cfg.trainer)
+    if copies == 0:
+        return
+    one = checkpoint_bytes(cfg)
+    # What is already there (the checkpoint a relaunch resumes from, unfinished ones NeMo
+    # deletes at start) is space the run reuses.
+    existing = folder_bytes(checkpoint_dir(cfg))
+    needed = copies * one - existing
+    base = nearest_existing(Path(cfg.log_dir))
+    free = shutil.disk_usage(base).free
+    if needed > free:
+        raise PreflightError(
+            f"not enough disk space for the checkpoints in log_dir={cfg.log_dir}: one MoE checkpoint "
+            f"is about {_gb(one)} (weights and Adam's states of {_params(cfg)} parameters, plus the "
+            f"tokenizer folder NeMo copies into it); NeMo writes the next -last checkpoint before "
+            f"deleting the previous one, so this run needs {_gb(needed)} free, and {base} has "
+            f"{_gb(free)}. Free some space, point log_dir at a larger disk, or set "
+            "trainer.checkpoint_every_n_steps=0 to save no checkpoint"
+        )
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:,.2f} GB ({n:,} bytes)"
+
+
+def _params(cfg: Any) -> str:
+    from nemo_upcycle.planning.params import model_params
+
+    return f"{model_params(cfg).total:,}"
+
+
+def check_before_training(cfg: Any) -> None:
+    """Every output-side check, in the order a user would fix them."""
+    check_log_dir_writable(cfg.log_dir)
+    check_disk_space(cfg)
