@@ -6,7 +6,6 @@ path that training runs.
 """
 from __future__ import annotations
 
-from functools import partial
 from typing import Optional
 
 import torch

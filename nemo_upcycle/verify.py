@@ -7,7 +7,6 @@ exceeds the tolerance the configuration implies (see nemo_upcycle.upcycle.exactn
 """
 from __future__ import annotations
 
-import sys
 
 import hydra
 import torch

@@ -41,3 +41,15 @@ def cache_dir() -> Path:
     path = Path(os.environ.get("NEMO_UPCYCLE_CACHE", Path.home() / ".cache" / "nemo_upcycle"))
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_smollm_vocab(tmp_path_factory, cache_dir):
+    """A random tiny dense Llama with SmolLM2's vocabulary, and SmolLM2's tokenizer folder."""
+    from nemo_upcycle.checkpoint.embedded import ensure_embedded
+
+    tokenizer = ensure_embedded("embedded:smollm2_135m", cache_dir)["hf"]
+    path = tmp_path_factory.mktemp("tiny_vocab") / "dense"
+    overrides = ["model=tiny_llama", "model.vocab_size=49152", f"model.dense_checkpoint={path}"]
+    run_on_ranks("tests.workers.upcycle_checks:save_dense", 1, timeout_s=180, overrides=overrides, path=str(path))
+    return path, tokenizer

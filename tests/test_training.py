@@ -4,26 +4,15 @@ A tiny Llama with SmolLM2's vocabulary and tokenizer trains on the real Wikipedi
 so each run takes seconds per step and exercises exactly the path the README's command
 takes on the full model (which the slow demo test covers).
 """
-import json
 
 import pytest
 
-from nemo_upcycle.testing.multirank import run_on_ranks
-from tests.workers.training_checks import losses_by_step, read_metrics, run_and_kill_a_rank, run_training
+from nemo_upcycle.config.compose import compose_config
+from tests.workers.training_checks import (
+    losses_by_step, read_metrics, run_and_kill_a_rank, run_and_kill_a_rank_during_save, run_training,
+)
 
 pytestmark = pytest.mark.multirank
-
-
-@pytest.fixture(scope="module")
-def tiny_smollm_vocab(tmp_path_factory, cache_dir):
-    """A random tiny dense Llama with SmolLM2's vocabulary, and SmolLM2's tokenizer folder."""
-    from nemo_upcycle.checkpoint.embedded import ensure_embedded
-
-    tokenizer = ensure_embedded("embedded:smollm2_135m", cache_dir)["hf"]
-    path = tmp_path_factory.mktemp("tiny_vocab") / "dense"
-    overrides = ["model=tiny_llama", "model.vocab_size=49152", f"model.dense_checkpoint={path}"]
-    run_on_ranks("tests.workers.upcycle_checks:save_dense", 1, timeout_s=180, overrides=overrides, path=str(path))
-    return path, tokenizer
 
 
 def _overrides(tiny_smollm_vocab, cache_dir, log_dir, *more):
@@ -44,7 +33,8 @@ def _ok(result):
 
 
 def test_ep2_training_loss_goes_down_and_everything_is_logged(tiny_smollm_vocab, cache_dir, tmp_path):
-    out = _ok(run_training(2, _overrides(tiny_smollm_vocab, cache_dir, tmp_path, "parallel.ep=2", "trainer.max_steps=12")))
+    overrides = _overrides(tiny_smollm_vocab, cache_dir, tmp_path, "parallel.ep=2", "trainer.max_steps=12")
+    out = _ok(run_training(2, overrides))
     assert "upcycled online" in out
     records = read_metrics(tmp_path)
     losses = [r["loss"] for r in records]
@@ -54,7 +44,20 @@ def test_ep2_training_loss_goes_down_and_everything_is_logged(tiny_smollm_vocab,
         assert key in records[-1], key
     assert (tmp_path / "expert_load_layer0.png").stat().st_size > 10_000
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
-    assert list((tmp_path / "upcycle" / "checkpoints").glob("*-last"))
+    (last,) = (tmp_path / "upcycle" / "checkpoints").glob("*-last")
+    _assert_disk_estimate_matches(compose_config(overrides), last)
+
+
+def _assert_disk_estimate_matches(cfg, checkpoint):
+    """The preflight disk check's estimate against a checkpoint NeMo really wrote: the
+    tensors (weights + Adam's moments, from the planner's parameter count) and the context
+    folder (NeMo copies the tokenizer folder into it)."""
+    from nemo_upcycle.nemo.preflight import checkpoint_weight_bytes, folder_bytes, tokenizer_folder
+
+    weights, estimate = folder_bytes(checkpoint / "weights"), checkpoint_weight_bytes(cfg)
+    assert abs(weights - estimate) < 0.02 * weights, (weights, estimate)
+    context, tokenizer = folder_bytes(checkpoint / "context"), folder_bytes(tokenizer_folder(cfg))
+    assert tokenizer <= context < tokenizer + 1_000_000, (context, tokenizer)
 
 
 def test_tp2_training_runs_with_sequence_parallel(tiny_smollm_vocab, cache_dir, tmp_path):
@@ -65,7 +68,10 @@ def test_tp2_training_runs_with_sequence_parallel(tiny_smollm_vocab, cache_dir, 
 
 
 def test_killed_rank_fails_fast_and_relaunch_resumes_bit_exactly(tiny_smollm_vocab, cache_dir, tmp_path):
-    steps = ["parallel.ep=2", "trainer.max_steps=8"]
+    """A rank SIGKILLed mid-training, then (in the relaunch) mid-checkpoint-save: each time
+    the job fails fast, the last complete checkpoint survives, and the next launch resumes
+    from it without upcycling, reaching the uninterrupted run's losses bit for bit."""
+    steps = ["parallel.ep=2", "trainer.max_steps=8"]  # checkpoints after steps 4 and 8
     reference = tmp_path / "uninterrupted"
     _ok(run_training(2, _overrides(tiny_smollm_vocab, cache_dir, reference, *steps)))
     expected = losses_by_step(reference)
@@ -76,8 +82,21 @@ def test_killed_rank_fails_fast_and_relaunch_resumes_bit_exactly(tiny_smollm_voc
     assert result.returncode != 0
     assert seconds_to_fail < 60, f"the job took {seconds_to_fail:.0f}s to fail after a rank was killed"
 
+    # Relaunch; kill a rank while it writes the step-8 checkpoint (the step-4 one still on disk).
+    result, seconds_to_fail = run_and_kill_a_rank_during_save(2, overrides, crashed)
+    assert result.returncode != 0
+    assert seconds_to_fail < 60, f"the job took {seconds_to_fail:.0f}s to fail after a rank was killed mid-save"
+    assert "resuming from" in result.stdout and "upcycled online" not in result.stdout
+    ckpts = crashed / "upcycle" / "checkpoints"
+    # NeMo's global_step in the names counts from 0: "step=3" is the checkpoint after step 4.
+    unfinished = [p.name for p in ckpts.glob("*-unfinished")]
+    complete = [p.name for p in ckpts.iterdir() if p.is_dir() and not (ckpts / (p.name + "-unfinished")).exists()]
+    assert len(unfinished) == 1 and "-step=7-" in unfinished[0], (unfinished, "the kill missed the step-8 save")
+    assert len(complete) == 1 and "-step=3-" in complete[0], complete
+
     out = _ok(run_training(2, overrides))
     assert "resuming from" in out and "upcycled online" not in out, "a resumed job must not upcycle again"
+    assert f"resuming from {ckpts / complete[0]}" in out, "must resume from the complete step-4 checkpoint"
     resumed = losses_by_step(crashed)
     for step in range(5, 9):
         assert resumed[step] == expected[step], (step, resumed[step], expected[step])
@@ -104,8 +123,38 @@ def test_resume_at_a_different_layout(tiny_smollm_vocab, cache_dir, tmp_path):
         assert after[step] == pytest.approx(expected[step], rel=2e-3), (step, after[step], expected[step])
 
 
-def test_capacity_factor_reports_dropped_tokens(tiny_smollm_vocab, cache_dir, tmp_path):
-    _ok(run_training(2, _overrides(tiny_smollm_vocab, cache_dir, tmp_path, "parallel.ep=2", "moe.capacity_factor=0.5",
-                                   "trainer.max_steps=3", "trainer.checkpoint_every_n_steps=100")))
+def test_capacity_factor_reports_dropped_tokens_and_the_guard_stops_on_them(tiny_smollm_vocab, cache_dir, tmp_path):
+    """Capacity factor 0.5 drops about half the tokens: reported in the metrics, and with
+    trainer.guard_max_dropped_fraction=0.2 every rank stops after the first step, naming it and
+    each layer's router statistics, before anything is saved."""
+    result = run_training(2, _overrides(tiny_smollm_vocab, cache_dir, tmp_path, "parallel.ep=2",
+                                        "moe.capacity_factor=0.5", "trainer.guard_max_dropped_fraction=0.2",
+                                        "trainer.max_steps=3", "trainer.checkpoint_every_n_steps=1"))
+    assert result.returncode != 0, result.stdout[-3000:]
     records = read_metrics(tmp_path)
-    assert all(r["dropped_fraction"] > 0.2 for r in records), [r["dropped_fraction"] for r in records]
+    assert [r["step"] for r in records] == [1], "training must stop after the first step over the threshold"
+    assert records[0]["dropped_fraction"] > 0.2, records
+    out = result.stdout
+    assert "training stopped after step 1: layer 0 dropped" in out and "guard_max_dropped_fraction=0.2" in out
+    for layer in range(4):
+        assert f"layer {layer}: max load" in out, out[-3000:]
+    assert out.count("exitcode  : 3") == 2, "every rank must stop with the guard's exit status"
+    assert not list((tmp_path / "upcycle" / "checkpoints").glob("*")), "a tripped step must not be saved"
+
+
+def test_nan_loss_stops_every_rank_naming_the_step_and_router_stats(tiny_smollm_vocab, cache_dir, tmp_path):
+    """A real divergence: lr 1e20 sends the weights to ~1e20 after step 1, so step 2's forward
+    overflows. The guard stops each rank before the backward pass (not megatron's NaN-gradient
+    error, which names no step), under the launcher's timeout: no hang."""
+    result = run_training(2, _overrides(tiny_smollm_vocab, cache_dir, tmp_path, "parallel.ep=2",
+                                        "trainer.max_steps=3", "trainer.lr=1e20", "trainer.min_lr=1e19"),
+                          timeout_s=300)
+    assert result.returncode != 0
+    out = result.stdout
+    for rank in (0, 1):
+        assert f"training stopped in step 2: the loss is nan on rank {rank}" in out, out[-4000:]
+    for layer in range(4):
+        assert f"layer {layer}: max load" in out
+    assert "lower trainer.lr" in out
+    assert out.count("exitcode  : 3") == 2
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1]

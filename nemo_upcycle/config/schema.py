@@ -13,6 +13,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from nemo_upcycle.ablation.config import AblateConfig
 from nemo_upcycle.checkpoint.export_config import ExportConfig
 from nemo_upcycle.evaluate.config import EvalConfig
 
@@ -106,10 +107,18 @@ class TrainerConfig:
     log_every_n_steps: int = 1
     val_check_interval: int = 20
     limit_val_batches: int = 4
+    # 0 = save no checkpoint at all (short throwaway runs such as the ablation grid's: nothing
+    # to resume from, and no disk spent on Adam states).
     checkpoint_every_n_steps: int = 20
     precision: str = "auto"
     distributed_optimizer: bool = False
     peak_tflops: Optional[float] = None
+    # Guard rails (nemo_upcycle/nemo/guards.py): stop training, with the step and each MoE
+    # layer's router statistics, when any layer drops more than this fraction of its tokens
+    # or its busiest expert gets more than this multiple of its fair share (early warning
+    # of router collapse). null = off. A non-finite loss always stops training.
+    guard_max_dropped_fraction: Optional[float] = None
+    guard_max_load_ratio: Optional[float] = None
 
 
 @dataclass
@@ -170,6 +179,8 @@ class UpcycleJobConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     # python -m nemo_upcycle.export_hf: MoE checkpoint -> Hugging Face Mixtral folder.
     export: ExportConfig = field(default_factory=ExportConfig)
+    # python -m nemo_upcycle.ablate: the capacity factor x router grid (nemo_upcycle.ablation).
+    ablate: AblateConfig = field(default_factory=AblateConfig)
 
 
 def register_configs() -> None:

@@ -179,11 +179,30 @@ def collect_problems(cfg: Any, world_size: Optional[int] = None) -> list[str]:
             )
         if router.init_std < 0:
             problems.append(f"router.init_std={router.init_std} must be >= 0")
+        # Both rejected by megatron-core's TransformerConfig, only once the model is built.
+        if moe.capacity_factor is not None and router.load_balancing == "sinkhorn":
+            problems.append(
+                f"moe.capacity_factor={moe.capacity_factor} does not work with router.load_balancing="
+                "sinkhorn (megatron-core drops tokens only with aux_loss, seq_aux_loss, global_aux_loss "
+                "or none); sinkhorn balances by construction: set moe.capacity_factor=null"
+            )
+        if router.type == "topk_softmax" and moe.topk * moe.granularity == 1:
+            problems.append(
+                "moe.topk=1 with router.type=topk_softmax: a softmax over the one chosen expert is "
+                "always 1, so the router would get no gradient (megatron-core refuses it); use "
+                "router=softmax_topk, sinkhorn or aux_free"
+            )
     elif par.ep > 1 or (par.etp is not None and par.etp != par.tp):
         problems.append(
             f"parallel.ep={par.ep}/etp={par.etp} only apply to MoE models; "
             "moe=dense needs ep=1 and etp=null"
         )
+
+    if cfg.trainer.checkpoint_every_n_steps < 0:
+        problems.append(f"trainer.checkpoint_every_n_steps={cfg.trainer.checkpoint_every_n_steps} "
+                        "must be >= 0 (0 = save no checkpoint)")
+
+    problems += guard_problems(cfg)
 
     expected = world_size if world_size is not None else par.world_size
     if expected is not None:
@@ -208,6 +227,37 @@ def collect_problems(cfg: Any, world_size: Optional[int] = None) -> list[str]:
                     f"{etp}*{par.ep}*{par.pp} = {expert_span}; megatron-core folds expert "
                     f"parallelism into the dp*cp*tp ranks (dp={dp})"
                 )
+    return problems
+
+
+def guard_problems(cfg: Any) -> list[str]:
+    """The optional router-collapse thresholds (nemo_upcycle/nemo/guards.py) must be able
+    to fire at all, and must not fire on every step."""
+    tr, moe = cfg.trainer, cfg.moe
+    dropped, load = tr.guard_max_dropped_fraction, tr.guard_max_load_ratio
+    if dropped is None and load is None:
+        return []
+    if moe.num_experts == 0:
+        return ["trainer.guard_max_dropped_fraction / guard_max_load_ratio watch the routers, and "
+                "moe=dense has none: set them to null"]
+    problems = []
+    if dropped is not None:
+        if not 0.0 <= dropped < 1.0:
+            problems.append(f"trainer.guard_max_dropped_fraction={dropped} must be in [0, 1) (null = off)")
+        elif moe.capacity_factor is None:
+            problems.append(
+                f"trainer.guard_max_dropped_fraction={dropped} can never fire: moe.capacity_factor=null "
+                "is dropless; set a capacity factor or the guard to null"
+            )
+    if load is not None:
+        # Each token picks top-k distinct experts, so the busiest expert gets at most 1/k of
+        # the assignments: E/k times its fair share.
+        ceiling = moe.num_experts / moe.topk if moe.topk else float("inf")
+        if not 1.0 <= load < ceiling:
+            problems.append(
+                f"trainer.guard_max_load_ratio={load} must be >= 1 (1 = perfectly balanced) and below "
+                f"moe.num_experts/moe.topk = {ceiling:g}, the most the busiest expert can get (null = off)"
+            )
     return problems
 
 

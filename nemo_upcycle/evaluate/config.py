@@ -37,5 +37,8 @@ class EvalConfig:
     checkpoint: Optional[str] = None
     # A Hugging Face model folder, evaluated with transformers instead of megatron-core.
     hf_model: Optional[str] = None
+    # python -m nemo_upcycle.train: evaluate the trained model in the training processes right
+    # after the last step (no checkpoint round trip), writing ${log_dir}/eval/results.json.
+    after_training: bool = False
     mmlu: MMLUConfig = field(default_factory=MMLUConfig)
     ppl: PPLConfig = field(default_factory=PPLConfig)

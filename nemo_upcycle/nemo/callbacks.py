@@ -54,6 +54,8 @@ class UpcycleMetrics(pl.Callback):
         self.load_history: list[list[float]] = []
         self._collector: Optional[RouterStatsCollector] = None
         self._started = 0.0
+        # The latest step's record, router statistics summed over ranks (read by guards.py).
+        self.last_record: dict[str, Any] = {}
 
     # -- hooks ---------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage):
@@ -88,6 +90,7 @@ class UpcycleMetrics(pl.Callback):
         if lr is not None:
             record["lr"] = float(lr)
         record.update(self._router_metrics())
+        self.last_record = record
         self._emit(trainer, record)
 
     def on_train_end(self, trainer, pl_module):
@@ -95,6 +98,11 @@ class UpcycleMetrics(pl.Callback):
             self._collector.__exit__(None, None, None)
         if self.load_history and self._rank == 0:
             plot_expert_load(self.load_history, self.plot_layer, self.log_dir / f"expert_load_layer{self.plot_layer}.png")
+
+    def local_router_stats(self) -> dict:
+        """This rank's per-layer router statistics of the current step so far (not summed
+        over ranks: safe to read mid-step, e.g. when the step fails)."""
+        return dict(self._collector.layers) if self._collector is not None else {}
 
     # -- helpers -------------------------------------------------------------------------
     def _router_metrics(self) -> dict:

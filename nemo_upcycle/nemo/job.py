@@ -77,7 +77,7 @@ def build_trainer(cfg: Any, callbacks: list):
     # called on rank 0 only, so the first logged step deadlocks any multi-rank job whose
     # timers recorded something. Without timers megatron records nothing to gather.
     strategy.timers = None
-    checkpoint = nl.ModelCheckpoint(
+    checkpoint = None if tr.checkpoint_every_n_steps == 0 else nl.ModelCheckpoint(
         every_n_train_steps=tr.checkpoint_every_n_steps,
         # Only "<name>-last" is kept (what AutoResume resumes from): with Adam's states an
         # E8T2 SmolLM2 checkpoint is 8.4 GB, and a top-k copy beside it doubles that.
@@ -101,8 +101,8 @@ def build_trainer(cfg: Any, callbacks: list):
         log_every_n_steps=tr.log_every_n_steps,
         num_sanity_val_steps=0,
         use_distributed_sampler=False,
-        callbacks=[checkpoint, *callbacks],
-        enable_checkpointing=True,
+        callbacks=[c for c in (checkpoint, *callbacks) if c is not None],
+        enable_checkpointing=checkpoint is not None,
     )
     logger = nl.NeMoLogger(
         log_dir=str(cfg.log_dir), name=RUN_NAME, use_datetime_version=False, version=None,
@@ -178,6 +178,7 @@ def run_training(cfg: Any) -> dict:
     from nemo_upcycle.data.prepare import resolve_data_paths
     from nemo_upcycle.dense_source import open_dense_source, resolve_paths
     from nemo_upcycle.nemo.callbacks import UpcycleMetrics
+    from nemo_upcycle.nemo.guards import TrainingGuards
     from nemo_upcycle.nemo.cpu_compat import enable_nemo_cpu_support
     from nemo_upcycle.nemo.model_config import make_gpt_config
     from nemo_upcycle.planning.flops import flops_per_token
@@ -198,8 +199,14 @@ def run_training(cfg: Any) -> dict:
 
     model = llm.GPTModel(make_gpt_config(cfg, upcycle_from), optim=build_optimizer(cfg), tokenizer=tokenizer)
     metrics = UpcycleMetrics(cfg, Path(cfg.log_dir), flops_per_token(cfg, cfg.trainer.seq_length).training)
-    trainer, logger = build_trainer(cfg, [metrics])
+    trainer, logger = build_trainer(cfg, [metrics, TrainingGuards(cfg, metrics)])  # guards reuse the metrics' router stats
     resume = AutoResume(resume_if_exists=True, resume_ignore_no_checkpoint=True,
                         resume_from_directory=str(checkpoint_dir(cfg)))
     llm.train(model=model, data=data, trainer=trainer, log=logger, resume=resume, tokenizer=None)
-    return {"resumed_from": str(resume_from) if resume_from else None, "upcycled": upcycle_from is not None}
+    summary = {"resumed_from": str(resume_from) if resume_from else None, "upcycled": upcycle_from is not None}
+    if cfg.eval.after_training:
+        from nemo_upcycle.evaluate.after_training import evaluate_trained_model
+
+        result = evaluate_trained_model(cfg, model, tokenizer_path, trainer.loggers, trainer.global_step)
+        summary.update(mmlu_acc=result["mmlu_acc"], ppl=result["ppl"])
+    return summary

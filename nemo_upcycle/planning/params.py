@@ -149,21 +149,9 @@ def rank_params(cfg: Any, pp_rank: int, tp: int, ep: int, etp: int) -> RankParam
     """
     model, moe = cfg.model, cfg.moe
     flags = moe_layer_flags(cfg)
-    chunks = stage_layers(cfg, pp_rank)
-    vpp = len(chunks)
-    last_pp = cfg.parallel.pp - 1
     dense = expert = n_moe = 0
-    for v, layers in enumerate(chunks):
-        first_chunk = pp_rank == 0 and v == 0
-        last_chunk = pp_rank == last_pp and v == vpp - 1
-        if first_chunk:
-            dense += embedding_params(model, tp)
-        if last_chunk:
-            dense += norm_params(model)
-            # Tied embeddings: megatron allocates the output weight on the last stage unless that
-            # stage also holds the embedding (one stage), and keeps the two in sync.
-            if not model.tie_embeddings or not first_chunk:
-                dense += embedding_params(model, tp)
+    for layers, first_chunk, last_chunk in stage_chunks(cfg, pp_rank):
+        dense += edge_params(model, tp, first_chunk, last_chunk)
         for layer in layers:
             dense += attention_params(model, tp) + 2 * norm_params(model)
             if flags[layer]:
@@ -174,11 +162,32 @@ def rank_params(cfg: Any, pp_rank: int, tp: int, ep: int, etp: int) -> RankParam
                 dense += dense_ffn_params(model, tp)
     return RankParams(
         pp_rank=pp_rank,
-        layers=[i for layers in chunks for i in layers],
+        layers=[i for layers in stage_layers(cfg, pp_rank) for i in layers],
         moe_layers=n_moe,
         dense=dense,
         expert=expert,
     )
+
+
+def stage_chunks(cfg: Any, pp_rank: int):
+    """(layer indices, holds the embedding, holds the output layer) of each virtual chunk of
+    pipeline stage ``pp_rank``: the walk both the parameter count and the read count follow."""
+    chunks = stage_layers(cfg, pp_rank)
+    for v, layers in enumerate(chunks):
+        yield layers, pp_rank == 0 and v == 0, pp_rank == cfg.parallel.pp - 1 and v == len(chunks) - 1
+
+
+def edge_params(model: Any, tp: int, first_chunk: bool, last_chunk: bool) -> int:
+    """Embedding on the first chunk; final norm and output layer on the last."""
+    total = embedding_params(model, tp) if first_chunk else 0
+    if last_chunk:
+        total += norm_params(model)
+        # Tied embeddings: megatron allocates the output weight on the last stage unless that
+        # stage also holds the embedding (one stage), and keeps the two in sync; the upcycler
+        # then reads it from the embedding.
+        if not model.tie_embeddings or not first_chunk:
+            total += embedding_params(model, tp)
+    return total
 
 
 def all_rank_params(cfg: Any, layout) -> list[RankParams]:

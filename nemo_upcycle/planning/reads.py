@@ -12,14 +12,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from nemo_upcycle.planning.layout import Layout, moe_layer_flags, stage_layers
+from nemo_upcycle.planning.layout import Layout, moe_layer_flags
 from nemo_upcycle.planning.params import (
     attention_params,
     dense_ffn_params,
-    embedding_params,
+    edge_params,
     expert_params,
     fine_experts,
     norm_params,
+    stage_chunks,
 )
 
 DTYPE_BYTES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp32": 4, "float32": 4}
@@ -29,19 +30,10 @@ def elements_read(cfg: Any, layout: Layout, pp_rank: int) -> int:
     """Elements of the dense checkpoint read by one rank of pipeline stage ``pp_rank``."""
     model, moe = cfg.model, cfg.moe
     flags = moe_layer_flags(cfg)
-    chunks = stage_layers(cfg, pp_rank)
     tp = layout.tp
     total = 0
-    for v, layers in enumerate(chunks):
-        first_chunk = pp_rank == 0 and v == 0
-        last_chunk = pp_rank == layout.pp - 1 and v == len(chunks) - 1
-        if first_chunk:
-            total += embedding_params(model, tp)
-        if last_chunk:
-            total += norm_params(model)
-            # Tied embeddings on another stage: the output layer is read from the embedding.
-            if not model.tie_embeddings or not first_chunk:
-                total += embedding_params(model, tp)
+    for layers, first_chunk, last_chunk in stage_chunks(cfg, pp_rank):
+        total += edge_params(model, tp, first_chunk, last_chunk)
         for layer in layers:
             total += attention_params(model, tp) + 2 * norm_params(model)
             if flags[layer]:

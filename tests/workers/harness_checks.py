@@ -1,7 +1,5 @@
 """Rank functions that exercise the multi-rank harness itself."""
-import os
 
-import torch
 import torch.distributed as dist
 
 
