@@ -67,14 +67,24 @@ def test_tp2_training_runs_with_sequence_parallel(tiny_smollm_vocab, cache_dir, 
     assert len(losses) == 6 and min(losses[-2:]) < losses[0] - 0.1, losses
 
 
-def test_killed_rank_fails_fast_and_relaunch_resumes_bit_exactly(tiny_smollm_vocab, cache_dir, tmp_path):
+EP2_8_STEPS = ["parallel.ep=2", "trainer.max_steps=8"]  # checkpoints after steps 4 and 8
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_ep2_losses(tiny_smollm_vocab, cache_dir, tmp_path_factory) -> dict[int, float]:
+    """Losses of an EP2 run that is never stopped: what every resumed run must reproduce."""
+    log_dir = tmp_path_factory.mktemp("uninterrupted")
+    _ok(run_training(2, _overrides(tiny_smollm_vocab, cache_dir, log_dir, *EP2_8_STEPS)))
+    return losses_by_step(log_dir)
+
+
+def test_killed_rank_fails_fast_and_relaunch_resumes_bit_exactly(tiny_smollm_vocab, cache_dir, tmp_path,
+                                                                 uninterrupted_ep2_losses):
     """A rank SIGKILLed mid-training, then (in the relaunch) mid-checkpoint-save: each time
     the job fails fast, the last complete checkpoint survives, and the next launch resumes
     from it without upcycling, reaching the uninterrupted run's losses bit for bit."""
-    steps = ["parallel.ep=2", "trainer.max_steps=8"]  # checkpoints after steps 4 and 8
-    reference = tmp_path / "uninterrupted"
-    _ok(run_training(2, _overrides(tiny_smollm_vocab, cache_dir, reference, *steps)))
-    expected = losses_by_step(reference)
+    steps = EP2_8_STEPS
+    expected = uninterrupted_ep2_losses
 
     crashed = tmp_path / "crashed"
     overrides = _overrides(tiny_smollm_vocab, cache_dir, crashed, *steps)
@@ -102,23 +112,20 @@ def test_killed_rank_fails_fast_and_relaunch_resumes_bit_exactly(tiny_smollm_voc
         assert resumed[step] == expected[step], (step, resumed[step], expected[step])
 
 
-def test_resume_at_a_different_layout(tiny_smollm_vocab, cache_dir, tmp_path):
+def test_resume_at_a_different_layout(tiny_smollm_vocab, cache_dir, tmp_path, uninterrupted_ep2_losses):
     """Saved at EP2 on 2 ranks, resumed at EP4 on 4 ranks: the checkpoint reshards and
     training continues where it was (same losses as never stopping, up to reduction order)."""
-    reference = tmp_path / "uninterrupted"
-    _ok(run_training(2, _overrides(tiny_smollm_vocab, cache_dir, reference, "parallel.ep=2", "trainer.max_steps=6")))
-    expected = losses_by_step(reference)
+    expected = uninterrupted_ep2_losses
     resumed_dir = tmp_path / "resumed"
-    # Same schedule as the reference (cosine over 6 steps), stopped after the step-4 checkpoint.
-    crashed, _ = run_and_kill_a_rank(2, _overrides(tiny_smollm_vocab, cache_dir, resumed_dir, "parallel.ep=2",
-                                                   "trainer.max_steps=6"), resumed_dir / "metrics.jsonl",
-                                     kill_after_step=5)
+    # Same schedule as the reference (cosine over 8 steps), stopped after the step-4 checkpoint.
+    crashed, _ = run_and_kill_a_rank(2, _overrides(tiny_smollm_vocab, cache_dir, resumed_dir, *EP2_8_STEPS),
+                                     resumed_dir / "metrics.jsonl", kill_after_step=5)
     assert crashed.returncode != 0
     out = _ok(run_training(4, _overrides(tiny_smollm_vocab, cache_dir, resumed_dir, "parallel.ep=4",
-                                         "trainer.max_steps=6")))
+                                         "trainer.max_steps=8")))
     assert "resuming from" in out and "upcycled online" not in out
     after = losses_by_step(resumed_dir)
-    assert set(after) == {1, 2, 3, 4, 5, 6}
+    assert set(after) == {1, 2, 3, 4, 5, 6, 7, 8}
     for step in (5, 6):
         assert after[step] == pytest.approx(expected[step], rel=2e-3), (step, after[step], expected[step])
 
