@@ -77,6 +77,8 @@ def report_header(ablate, common: list[str], results: list[dict]) -> str:
 
 def publish(paths: dict, ablate, header: str) -> None:
     """Copy the report to ablate.publish_dir and rewrite the README's results block."""
+    from nemo_upcycle.evaluate.runner import write_text_atomic
+
     publish_dir = Path(ablate.publish_dir)
     publish_dir.mkdir(parents=True, exist_ok=True)
     for path in paths.values():
@@ -94,9 +96,7 @@ def publish(paths: dict, ablate, header: str) -> None:
              f"![held-out perplexity and MMLU of every run]({rel}/eval_bars.png)\n{README_END}")
     before, rest = text.split(README_BEGIN, 1)
     after = rest.split(README_END, 1)[1]
-    tmp = readme.with_name(f".{readme.name}.tmp")
-    tmp.write_text(before + block + after)
-    os.replace(tmp, readme)
+    write_text_atomic(readme, before + block + after)
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base=None)

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from nemo_upcycle.evaluate.runner import write_json_atomic
+from nemo_upcycle.evaluate.runner import write_json_atomic, write_text_atomic
 
 COLUMNS = (
     ("label", "run", "{}"),
@@ -36,12 +36,6 @@ def markdown_table(results: list[dict]) -> str:
     for r in results:
         lines.append("| " + " | ".join(_fmt(r.get(key), fmt) for key, _, fmt in COLUMNS) + " |")
     return "\n".join(lines) + "\n"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _save_figure(fig, path: Path) -> None:
@@ -126,8 +120,8 @@ def write_report(results: list[dict], out_dir: Path, header: Optional[str] = Non
     writer = csv.DictWriter(buffer, fieldnames=TABLE_KEYS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(results)
-    _write_atomic(paths["results.csv"], buffer.getvalue())
-    _write_atomic(paths["results.md"], (header + "\n\n" if header else "") + markdown_table(results))
+    write_text_atomic(paths["results.csv"], buffer.getvalue())
+    write_text_atomic(paths["results.md"], (header + "\n\n" if header else "") + markdown_table(results))
     plot_losses(results, paths["loss_curves.png"])
     plot_evaluation(results, paths["eval_bars.png"])
     return paths

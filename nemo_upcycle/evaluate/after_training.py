@@ -21,12 +21,12 @@ def evaluate_trained_model(cfg: Any, lightning_module, tokenizer_path: Optional[
 
     from nemo_upcycle.evaluate.backends import MegatronBackend
     from nemo_upcycle.evaluate.runner import evaluate_backend, print_report, summary_line, write_json_atomic
-    from nemo_upcycle.nemo.callbacks import _mcore_chunks
+    from nemo_upcycle.nemo.callbacks import mcore_chunks
     from nemo_upcycle.text import encode
 
     # NeMo sizes the model for trainer.seq_length; rotary positions are computed per call, so
     # evaluation may use the dense model's full context like the standalone evaluator does.
-    backend = MegatronBackend(_mcore_chunks(lightning_module), cfg.model.vocab_size,
+    backend = MegatronBackend(mcore_chunks(lightning_module), cfg.model.vocab_size,
                               max_length=cfg.model.max_position_embeddings)
     encoder = partial(encode, tokenizer_path=tokenizer_path, vocab_size=cfg.model.vocab_size)
     result = evaluate_backend(backend, encoder, cfg.eval, verbose=is_rank0())

@@ -168,10 +168,15 @@ def print_report(result: dict, console=None) -> None:
         console.print("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in result["seconds"].items()))
 
 
-def write_json_atomic(path: str | Path, data: Any) -> Path:
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write under a temporary name, then rename: readers never see a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
     return path
+
+
+def write_json_atomic(path: str | Path, data: Any) -> Path:
+    return write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")

@@ -34,7 +34,7 @@ def peak_flops_per_device(override_tflops: Optional[float]) -> Optional[float]:
     return None
 
 
-def _mcore_chunks(pl_module) -> list:
+def mcore_chunks(pl_module) -> list:
     """The megatron GPTModel chunks inside NeMo's wrappers."""
     from megatron.core.models.gpt import GPTModel
 
@@ -65,7 +65,7 @@ class UpcycleMetrics(pl.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self.num_experts and self._collector is None:
-            self._collector = RouterStatsCollector(_mcore_chunks(pl_module)).__enter__()
+            self._collector = RouterStatsCollector(mcore_chunks(pl_module)).__enter__()
         if self._collector is not None:
             self._collector.layers.clear()
         self._started = time.perf_counter()
