@@ -78,7 +78,7 @@ def measured_cpu_peak_tflops(size: int = 1024, repeats: int = 5) -> float:
 
 def train(overrides: list[str], nproc: int, log_dir: Path, timeout_s: float) -> list[dict]:
     """Run the product's training job; its per-step metrics (rank 0's metrics.jsonl)."""
-    from nemo_upcycle.testing.multirank import free_port
+    from nemo_upcycle.platform.ports import free_port
 
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            f"--master_port={free_port()}", "--max_restarts=0", "-m", "nemo_upcycle.train",

@@ -4,8 +4,10 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from nemo_upcycle.errors import UserError
 
-class MissingAsset(FileNotFoundError):
+
+class MissingAsset(UserError, FileNotFoundError):
     pass
 
 

@@ -23,7 +23,7 @@ from typing import Any, Optional
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from nemo_upcycle.cli import CONFIG_DIR
+from nemo_upcycle.cli import CONFIG_DIR, resolve_dense_model
 from nemo_upcycle.config.schema import register_configs
 
 register_configs()
@@ -41,38 +41,24 @@ def expand_shorthands(argv: list[str]) -> list[str]:
 
 def tokenizer_dir(cfg: Any) -> Optional[Path]:
     """The tokenizer folder to copy into the export (None when there is none)."""
-    from nemo_upcycle.checkpoint.embedded import embedded_paths, is_embedded
+    from nemo_upcycle.checkpoint.dense_source import tokenizer_folder
 
-    if cfg.export.tokenizer:
-        return Path(cfg.export.tokenizer)
-    if cfg.model.tokenizer:
-        return Path(cfg.model.tokenizer)
-    dense = OmegaConf.select(cfg, "model.dense_checkpoint", default=None, throw_on_missing=False)
-    if dense is None or OmegaConf.is_missing(cfg.model, "dense_checkpoint"):
-        return None
-    if is_embedded(str(dense)):
-        hf = embedded_paths(cfg.cache_dir, str(dense).split(":", 1)[1])["hf"]
-        return hf if hf.is_dir() else None
-    path = Path(str(dense))
-    if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
-        return path
-    return None
+    return Path(cfg.export.tokenizer) if cfg.export.tokenizer else tokenizer_folder(cfg)
 
 
 def upcycled_source(cfg: Any):
     """Upcycle the dense model to ``cfg.moe`` on this single process; the model as a source."""
     from nemo_upcycle.checkpoint.exporter import ModelSource
-    from nemo_upcycle.dense_source import open_dense_source
+    from nemo_upcycle.checkpoint.dense_source import open_dense_source
     from nemo_upcycle.modeling import build_model_chunks, build_transformer_config
     from nemo_upcycle.platform.distributed import setup_parallel
-    from nemo_upcycle.testing.multirank import free_port
+    from nemo_upcycle.platform.ports import single_process_rendezvous
     from nemo_upcycle.upcycle.engine import upcycle_from_dense
 
     single = OmegaConf.merge(cfg, {"parallel": {"tp": 1, "pp": 1, "vpp": None, "ep": 1, "etp": None,
                                                 "cp": 1, "sp": False, "world_size": None}})
     source = open_dense_source(single)
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    single_process_rendezvous()
     setup_parallel(single.parallel, single.seed)
     # Every weight is about to be written by the upcycling: skip the random initialisation.
     chunks = build_model_chunks(single, build_transformer_config(single, perform_initialization=False))
@@ -95,6 +81,8 @@ def run_export(cfg: Any) -> dict:
         raise ExportError(f"output_dir {output_dir} already exists; choose another or pass overwrite=true")
     if ex.dtype is not None and ex.dtype not in DTYPES:
         raise ExportError(f"dtype={ex.dtype!r}: use one of {', '.join(DTYPES)}")
+    if not ex.checkpoint:
+        resolve_dense_model(cfg)  # model=auto: the architecture from the dense checkpoint
     check_exportable(cfg)  # before any weight is read or upcycled
     if ex.checkpoint:
         try:
@@ -112,13 +100,11 @@ def run_export(cfg: Any) -> dict:
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
-    from nemo_upcycle.checkpoint.exporter import ExportError
-    from nemo_upcycle.config.validate import ConfigError
-    from nemo_upcycle.upcycle.errors import UpcycleError
+    from nemo_upcycle.errors import UserError
 
     try:
         summary = run_export(cfg)
-    except (ExportError, ConfigError, UpcycleError, FileNotFoundError) as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(2)

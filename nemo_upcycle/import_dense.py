@@ -20,6 +20,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from nemo_upcycle.checkpoint import importer
+from nemo_upcycle.config.compose import CONFIG_DIR
+from nemo_upcycle.errors import UserError
 from nemo_upcycle.checkpoint.embedded import EMBEDDED_PREFIX, embedded_paths, is_embedded
 
 
@@ -33,7 +35,7 @@ class ImportConfig:
     cache_dir: str = "${oc.env:NEMO_UPCYCLE_CACHE,${oc.env:HOME}/.cache/nemo_upcycle}"
 
 
-ConfigStore.instance().store(name="import_dense", node=ImportConfig)
+ConfigStore.instance().store(name="import_dense_schema", node=ImportConfig)
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -77,11 +79,11 @@ def summary_line(summary: dict, output_dir) -> str:
     )
 
 
-@hydra.main(config_path=None, config_name="import_dense", version_base=None)
+@hydra.main(config_path=str(CONFIG_DIR), config_name="import_dense", version_base=None)
 def main(cfg: ImportConfig) -> None:
     try:
         summary = run_import(cfg.source, Path(cfg.output_dir), cfg.cache_dir, cfg.overwrite, cfg.dtype, cfg.progress)
-    except importer.ImportError_ as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     print(summary_line(summary, cfg.output_dir), flush=True)

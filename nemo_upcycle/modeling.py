@@ -11,8 +11,10 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
+from nemo_upcycle.checkpoint.architecture import effective_head_dim
 from nemo_upcycle.config.moe_layers import moe_layer_pattern
 from nemo_upcycle.platform.cpu import gpu_available
+from nemo_upcycle.rope_scaling import apply_rope_scaling
 
 
 def transformer_engine_available() -> bool:
@@ -86,13 +88,14 @@ def transformer_config_kwargs(
         ffn_hidden_size=model.ffn_hidden_size,
         num_attention_heads=model.num_attention_heads,
         num_query_groups=model.num_query_groups,
-        kv_channels=model.hidden_size // model.num_attention_heads,
+        kv_channels=effective_head_dim(model),
         normalization="RMSNorm",
         layernorm_epsilon=model.norm_eps,
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=False,
+        add_qkv_bias=bool(model.qkv_bias),
+        qk_layernorm=bool(model.qk_layernorm),
         hidden_dropout=0.0,
         attention_dropout=0.0,
         bias_activation_fusion=False,
@@ -170,8 +173,9 @@ def build_model_chunks(cfg: Any, config=None) -> list:
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
             share_embeddings_and_output_weights=cfg.model.tie_embeddings,
             position_embedding_type="rope",
-            rotary_base=int(cfg.model.rotary_base),
+            rotary_base=cfg.model.rotary_base,
             vp_stage=vp,
         )
+        apply_rope_scaling(chunk, cfg.model)
         chunks.append(chunk)
     return chunks

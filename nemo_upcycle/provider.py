@@ -11,27 +11,23 @@ from typing import Any, Optional
 
 log = logging.getLogger(__name__)
 
-# How many chunks this process upcycled: resumed jobs must leave it at zero (tests read it).
-UPCYCLED_CHUNKS = 0
-
-
 def upcycle_chunk(chunk, job_cfg: Any, dense_checkpoint: Optional[str]) -> Optional[dict]:
     """Fill ``chunk`` from the dense checkpoint, unless there is none to read (resume).
 
     ``dense_checkpoint`` is None when the job resumes from an MoE checkpoint: the trainer
-    then loads every weight from that checkpoint and upcycling must not run.
+    then loads every weight from that checkpoint and upcycling must not run. Otherwise the
+    checkpoint is opened through the same factory every entry point uses, so any source
+    the job's checks accepted (HF folder, torch_dist, NeMo 2, Megatron-LM, GGUF) is read.
     """
-    global UPCYCLED_CHUNKS
     if dense_checkpoint is None:
         log.info("resuming from an MoE checkpoint: not upcycling")
         return None
+    from nemo_upcycle.checkpoint.dense_source import open_dense_source
     from nemo_upcycle.upcycle.engine import upcycle_from_dense
-    from nemo_upcycle.upcycle.sources import TorchDistCheckpoint
 
-    report = upcycle_from_dense([chunk], job_cfg, TorchDistCheckpoint(dense_checkpoint))
-    UPCYCLED_CHUNKS += 1
+    report = upcycle_from_dense([chunk], job_cfg, open_dense_source(job_cfg))
     log.info(
-        "upcycled online: read %.1f MB in %.2fs, %d expert tensors copied, %d routers initialised",
-        report.bytes_read / 1e6, report.seconds, report.expert_copies, report.routers_initialised,
+        "upcycled online from %s: read %.1f MB in %.2fs, %d expert tensors copied, %d routers initialised",
+        dense_checkpoint, report.bytes_read / 1e6, report.seconds, report.expert_copies, report.routers_initialised,
     )
     return report.as_dict()

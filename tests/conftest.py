@@ -53,3 +53,20 @@ def tiny_smollm_vocab(tmp_path_factory, cache_dir):
     overrides = ["model=tiny_llama", "model.vocab_size=49152", f"model.dense_checkpoint={path}"]
     run_on_ranks("tests.workers.upcycle_checks:save_dense", 1, timeout_s=180, overrides=overrides, path=str(path))
     return path, tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_smollm_vocab(tmp_path_factory, cache_dir) -> Path:
+    """A Llama 3.1-style Hugging Face folder as users hold it: written by transformers (RoPE
+    scaling on, SmolLM2's vocabulary) with SmolLM2's tokenizer files beside the weights."""
+    import shutil
+
+    from nemo_upcycle.checkpoint.embedded import ensure_embedded
+    from nemo_upcycle.checkpoint.tokenizer_files import tokenizer_files
+    from nemo_upcycle.testing.tiny_hf import write_tiny_hf
+
+    tokenizer = ensure_embedded("embedded:smollm2_135m", cache_dir)["hf"]
+    folder = write_tiny_hf("llama31", tmp_path_factory.mktemp("tiny_hf") / "Tiny-Llama-3.1", vocab_size=49152)
+    for f in tokenizer_files(tokenizer):
+        shutil.copy(f, folder / f.name)
+    return folder

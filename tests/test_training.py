@@ -32,9 +32,17 @@ def _ok(result):
     return result.stdout
 
 
-def test_ep2_training_loss_goes_down_and_everything_is_logged(tiny_smollm_vocab, cache_dir, tmp_path):
-    overrides = _overrides(tiny_smollm_vocab, cache_dir, tmp_path, "parallel.ep=2", "trainer.max_steps=12")
-    out = _ok(run_training(2, overrides))
+def test_ep2_training_straight_from_a_hf_folder_logs_everything_and_resumes(tiny_hf_smollm_vocab, cache_dir,
+                                                                            tmp_path):
+    """The user's command on a Llama 3.1-style folder as downloaded: ``model=auto`` reads the
+    architecture (RoPE scaling included) from config.json, the job upcycles straight from the
+    safetensors, trains, checkpoints (with the tokenizer files alone in the context), and a
+    relaunch resumes without upcycling."""
+    common = [f"cache_dir={cache_dir}", f"log_dir={tmp_path}", "trainer.seq_length=64", "trainer.micro_batch_size=1",
+              "trainer.global_batch_size=4", "trainer.lr=1e-3", "trainer.min_lr=1e-4", "trainer.warmup_steps=1",
+              "trainer.val_check_interval=4", "trainer.limit_val_batches=1", "trainer.checkpoint_every_n_steps=4"]
+    overrides = ["model=auto", f"model.dense_checkpoint={tiny_hf_smollm_vocab}", "parallel.ep=2", *common]
+    out = _ok(run_training(2, overrides + ["trainer.max_steps=12"]))
     assert "upcycled online" in out
     records = read_metrics(tmp_path)
     losses = [r["loss"] for r in records]
@@ -45,19 +53,33 @@ def test_ep2_training_loss_goes_down_and_everything_is_logged(tiny_smollm_vocab,
     assert (tmp_path / "expert_load_layer0.png").stat().st_size > 10_000
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     (last,) = (tmp_path / "upcycle" / "checkpoints").glob("*-last")
-    _assert_disk_estimate_matches(compose_config(overrides), last)
+    cfg = compose_config(overrides)
+    from nemo_upcycle.checkpoint.dense_source import open_dense_source
+
+    open_dense_source(cfg)  # model=auto, filled as the job filled it
+    assert cfg.model.rope_scaling_factor == 8.0 and cfg.model.rope_scaling_original_max_position == 256
+    _assert_disk_estimate_matches(cfg, last)
+
+    out = _ok(run_training(2, overrides + ["trainer.max_steps=14"]))
+    assert "resuming from" in out and "upcycled online" not in out
+    assert sorted(losses_by_step(tmp_path)) == list(range(1, 15))
 
 
 def _assert_disk_estimate_matches(cfg, checkpoint):
     """The preflight disk check's estimate against a checkpoint NeMo really wrote: the
     tensors (weights + Adam's moments, from the planner's parameter count) and the context
-    folder (NeMo copies the tokenizer folder into it)."""
-    from nemo_upcycle.nemo.preflight import checkpoint_weight_bytes, folder_bytes, tokenizer_folder
+    folder (NeMo copies the tokenizer folder into it: the tokenizer files alone, not the
+    dense model's weights that lie beside them)."""
+    from nemo_upcycle.checkpoint.dense_source import tokenizer_folder
+    from nemo_upcycle.checkpoint.tokenizer_files import tokenizer_files
+    from nemo_upcycle.nemo.preflight import checkpoint_weight_bytes, folder_bytes
 
     weights, estimate = folder_bytes(checkpoint / "weights"), checkpoint_weight_bytes(cfg)
     assert abs(weights - estimate) < 0.02 * weights, (weights, estimate)
-    context, tokenizer = folder_bytes(checkpoint / "context"), folder_bytes(tokenizer_folder(cfg))
+    context = folder_bytes(checkpoint / "context")
+    tokenizer = sum(f.stat().st_size for f in tokenizer_files(tokenizer_folder(cfg)))
     assert tokenizer <= context < tokenizer + 1_000_000, (context, tokenizer)
+    assert not list((checkpoint / "context").rglob("*.safetensors"))
 
 
 def test_tp2_training_runs_with_sequence_parallel(tiny_smollm_vocab, cache_dir, tmp_path):

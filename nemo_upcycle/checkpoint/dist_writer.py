@@ -16,7 +16,6 @@ It is written under ``<output>.tmp`` and renamed when complete.
 from __future__ import annotations
 
 import io
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -80,13 +79,12 @@ def meta_model_template(overrides: list[str]) -> tuple[list[TensorChunk], list[O
     from nemo_upcycle.config.compose import compose_config
     from nemo_upcycle.modeling import build_model_chunks
     from nemo_upcycle.platform.distributed import setup_parallel
-    from nemo_upcycle.testing.multirank import free_port
+    from nemo_upcycle.platform.ports import single_process_rendezvous
 
     single = ["parallel.tp=1", "parallel.pp=1", "parallel.vpp=null", "parallel.ep=1",
               "parallel.etp=null", "parallel.cp=1", "parallel.sp=false"]
     cfg = compose_config(list(overrides) + single)
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    single_process_rendezvous()
     setup_parallel(cfg.parallel, cfg.seed)
     with torch.device("meta"):
         chunks = build_model_chunks(cfg)

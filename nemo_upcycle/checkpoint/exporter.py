@@ -23,6 +23,8 @@ from typing import Any, Optional
 
 import torch
 
+from nemo_upcycle.errors import UserError
+from nemo_upcycle.checkpoint.architecture import rope_scaling_of
 from nemo_upcycle.checkpoint.hf_llama import (
     LlamaShape,
     MegatronNaming,
@@ -31,17 +33,14 @@ from nemo_upcycle.checkpoint.hf_llama import (
     keyed_shapes,
     llama_boxes,
 )
+from nemo_upcycle.checkpoint.tokenizer_files import TOKENIZER_FILES
 from nemo_upcycle.upcycle.sources import ReadStats, SliceRequest, narrow_tensor_by_index
 
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json",
-)
 _ST_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """The checkpoint or configuration cannot be exported; the message says why and what to do."""
 
 
@@ -50,6 +49,11 @@ def unsupported_reasons(cfg: Any) -> list[str]:
     from nemo_upcycle.config.moe_layers import moe_layer_indices
 
     moe, router, model = cfg.moe, cfg.router, cfg.model
+    family = getattr(model, "family", "llama")
+    if family not in ("llama", "mistral"):
+        target = {"qwen2": "Qwen2-MoE", "qwen3": "Qwen3-MoE"}.get(family, "no Hugging Face MoE architecture")
+        return [f"model.family={family}: its attention ({'q/k/v biases' if model.qkv_bias else 'q/k norms'}) "
+                f"does not fit Mixtral or Llama; its export target ({target}) is not written yet"]
     if moe.num_experts == 0:
         return []
     reasons = []
@@ -78,32 +82,26 @@ def unsupported_reasons(cfg: Any) -> list[str]:
 def check_exportable(cfg: Any) -> None:
     reasons = unsupported_reasons(cfg)
     if reasons:
+        hint = ("Qwen2/Qwen3 models are refused until their Qwen2-MoE/Qwen3-MoE export exists."
+                if reasons[0].startswith("model.family=") else
+                "Export a model trained with router.type=topk_softmax, moe.layers=all and "
+                "moe.capacity_factor=null (the defaults).")
         raise ExportError(
             "this MoE configuration has no exact Hugging Face Mixtral equivalent, so no folder was written:\n"
-            + "\n".join(f"  - {r}" for r in reasons)
-            + "\nExport a model trained with router.type=topk_softmax, moe.layers=all and "
-            "moe.capacity_factor=null (the defaults)."
+            + "\n".join(f"  - {r}" for r in reasons) + "\n" + hint
         )
 
 
 def llama_shape(cfg: Any) -> LlamaShape:
     """The HF shape of the model in ``cfg``; granular experts become E*G Mixtral experts of width F/G."""
-    from nemo_upcycle.modeling import fine_topk, num_fine_experts  # noqa: F401
+    from nemo_upcycle.modeling import num_fine_experts
 
     m, moe = cfg.model, cfg.moe
     experts = num_fine_experts(moe) if moe.num_experts > 0 else 0
-    return LlamaShape(
-        num_layers=m.num_layers,
-        hidden_size=m.hidden_size,
-        num_attention_heads=m.num_attention_heads,
-        num_query_groups=m.num_query_groups,
-        head_dim=m.hidden_size // m.num_attention_heads,
-        ffn_hidden_size=m.ffn_hidden_size // moe.granularity if experts else m.ffn_hidden_size,
-        vocab_size=m.vocab_size,
-        tie_embeddings=bool(m.tie_embeddings),
-        num_experts=experts,
-        moe_layers=list(range(m.num_layers)) if experts else [],
-    )
+    shape = LlamaShape.of_model(m, num_experts=experts, moe_layers=list(range(m.num_layers)) if experts else [])
+    if experts:
+        shape.ffn_hidden_size = m.ffn_hidden_size // moe.granularity
+    return shape
 
 
 def hf_config(cfg: Any, dtype: torch.dtype, dense_config: Optional[dict] = None) -> dict:
@@ -122,6 +120,7 @@ def hf_config(cfg: Any, dtype: torch.dtype, dense_config: Optional[dict] = None)
         "max_position_embeddings": m.max_position_embeddings,
         "rms_norm_eps": float(m.norm_eps),
         "rope_theta": float(m.rotary_base),
+        "rope_scaling": rope_scaling_of(m),
         "vocab_size": m.vocab_size,
         "tie_word_embeddings": bool(m.tie_embeddings),
         "attention_dropout": 0.0,
@@ -144,12 +143,11 @@ def hf_config(cfg: Any, dtype: torch.dtype, dense_config: Optional[dict] = None)
             sliding_window=None,
         )
     else:
-        out.update(architectures=["LlamaForCausalLM"], model_type="llama", attention_bias=False,
-                   mlp_bias=False, rope_scaling=None)
+        out.update(architectures=["LlamaForCausalLM"], model_type="llama", attention_bias=False, mlp_bias=False)
     # Where the configuration came from, for people reading config.json.
     out["nemo_upcycle"] = {
         "model": m.name, "moe": moe.name, "num_experts": moe.num_experts, "topk": moe.topk,
-        "granularity": moe.granularity, "router": cfg.router.type,
+        "granularity": moe.granularity, "router": cfg.router.type, "family": getattr(m, "family", "llama"),
     }
     return out
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nemo_upcycle.errors import UserError
 from nemo_upcycle.checkpoint.hf_llama import LlamaShape, hf_shapes
 from nemo_upcycle.checkpoint.safetensors_source import MappedHFSource
 
@@ -38,7 +39,7 @@ _LAYER_NAMES = {
 }
 
 
-class GGUFFormatError(ValueError):
+class GGUFFormatError(UserError):
     pass
 
 
@@ -70,13 +71,30 @@ class GGUFSource(MappedHFSource):
             raise GGUFFormatError(f"{path} is not a readable GGUF file: {err}") from None
         arch = self._field("general.architecture")
         if arch != "llama":
-            raise GGUFFormatError(f"{path}: architecture {arch!r} is not Llama; nemo-upcycle imports llama GGUF files")
+            raise GGUFFormatError(
+                f"{path}: general.architecture={arch!r}; nemo-upcycle reads llama GGUF files (Llama, "
+                "SmolLM2, TinyLlama, Mistral as llama.cpp writes them). For Qwen2/Qwen3 use the Hugging "
+                "Face folder instead"
+            )
+        # llama.cpp stores Llama 3.1+ RoPE scaling as a rope_freqs tensor (or rope.scaling.*
+        # fields), not as the four llama3 parameters: refuse rather than drop it.
+        scaling = self._field("llama.rope.scaling.type")
+        if scaling not in (None, "none") or any(t.name == "rope_freqs.weight" for t in self.reader.tensors):
+            raise GGUFFormatError(
+                f"{path}: RoPE scaling (llama.rope.scaling.type={scaling!r}, or a rope_freqs tensor) is "
+                "not read from GGUF files; use the Hugging Face folder of this model, whose config.json "
+                "states its rope_scaling"
+            )
         self.tensors = {}
         unsupported = {}
+        unknown = [t.name for t in self.reader.tensors if hf_name_of(t.name) is None]
+        if unknown:
+            raise GGUFFormatError(
+                f"{path} holds tensors a llama model does not have and that would be ignored: "
+                f"{', '.join(unknown[:6])}{' ...' if len(unknown) > 6 else ''}"
+            )
         for t in self.reader.tensors:
             name = hf_name_of(t.name)
-            if name is None:
-                continue  # e.g. rope_freqs: derived from rope settings
             if t.tensor_type.name not in SUPPORTED_QUANTS:
                 unsupported.setdefault(t.tensor_type.name, t.name)
             self.tensors[name] = t
@@ -118,18 +136,19 @@ class GGUFSource(MappedHFSource):
             tie_embeddings="output.weight" not in {t.name for t in self.reader.tensors},
         )
 
-    def architecture(self):
-        from nemo_upcycle.checkpoint.importer import DenseArchitecture
-
+    def architecture(self) -> dict:
+        """What the file states, in ``model.*`` names (llama.cpp's llama architecture)."""
         s = self.shape
-        return DenseArchitecture(
-            num_layers=s.num_layers, hidden_size=s.hidden_size, ffn_hidden_size=s.ffn_hidden_size,
-            num_attention_heads=s.num_attention_heads, num_query_groups=s.num_query_groups,
-            vocab_size=s.vocab_size,
+        return dict(
+            family="llama", num_layers=s.num_layers, hidden_size=s.hidden_size,
+            ffn_hidden_size=s.ffn_hidden_size, num_attention_heads=s.num_attention_heads,
+            num_query_groups=s.num_query_groups, head_dim=s.head_dim, vocab_size=s.vocab_size,
             max_position_embeddings=int(self._field("llama.context_length", 8192)),
             rotary_base=float(self._field("llama.rope.freq_base", 10000.0)),
             norm_eps=float(self._field("llama.attention.layer_norm_rms_epsilon", 1e-5)),
-            tie_embeddings=s.tie_embeddings,
+            tie_embeddings=s.tie_embeddings, qkv_bias=False, qk_layernorm=False,
+            rope_scaling_factor=None, rope_scaling_low_freq_factor=1.0,
+            rope_scaling_high_freq_factor=4.0, rope_scaling_original_max_position=8192,
         )
 
     def quantisations(self) -> dict[str, int]:

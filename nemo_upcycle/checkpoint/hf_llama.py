@@ -1,4 +1,7 @@
-"""Mapping between Hugging Face Llama / Mixtral tensors and megatron-core GPTModel tensors.
+"""Mapping between Hugging Face Llama-family / Mixtral tensors and megatron-core GPTModel tensors.
+
+Llama, Mistral, Qwen2 (q/k/v biases) and Qwen3 (q/k norms) share one layout; the flags of
+:class:`LlamaShape` add the family's extra tensors.
 
 Both directions (import, online upcycling from safetensors, export) use one description:
 a list of :class:`Box` rows. A box says "rows ``[hf_row, hf_row + rows)`` of HF tensor
@@ -24,6 +27,9 @@ from typing import Iterator, Optional
 # Canonical megatron names within a layer.
 ATTN_NORM = "self_attention.linear_qkv.layer_norm_weight"
 QKV = "self_attention.linear_qkv.weight"
+QKV_BIAS = "self_attention.linear_qkv.bias"  # Qwen2
+Q_NORM = "self_attention.q_layernorm.weight"  # Qwen3: per-head RMSNorm, applied before RoPE
+K_NORM = "self_attention.k_layernorm.weight"
 PROJ = "self_attention.linear_proj.weight"
 MLP_NORM = "mlp.linear_fc1.layer_norm_weight"
 FC1 = "mlp.linear_fc1.weight"
@@ -55,12 +61,28 @@ class LlamaShape:
     ffn_hidden_size: int  # per expert for MoE layers, dense FFN width otherwise
     vocab_size: int
     tie_embeddings: bool
+    qkv_bias: bool = False
+    qk_layernorm: bool = False
     num_experts: int = 0
     moe_layers: list = field(default_factory=list)  # layer indices with an MoE FFN
     dense_ffn_hidden_size: Optional[int] = None  # FFN width of layers left dense
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.num_experts > 0 and layer in set(self.moe_layers)
+
+    @classmethod
+    def of_model(cls, model, **moe) -> "LlamaShape":
+        """The shape of the dense model a ``model.*`` config (or a dict of its keys) describes."""
+        from nemo_upcycle.checkpoint.architecture import effective_head_dim
+
+        get = model.get if isinstance(model, dict) else (lambda k, d=None: getattr(model, k, d))
+        return cls(
+            num_layers=int(get("num_layers")), hidden_size=int(get("hidden_size")),
+            num_attention_heads=int(get("num_attention_heads")), num_query_groups=int(get("num_query_groups")),
+            head_dim=effective_head_dim(model), ffn_hidden_size=int(get("ffn_hidden_size")),
+            vocab_size=int(get("vocab_size")), tie_embeddings=bool(get("tie_embeddings")),
+            qkv_bias=bool(get("qkv_bias", False)), qk_layernorm=bool(get("qk_layernorm", False)), **moe,
+        )
 
 
 @dataclass(frozen=True)
@@ -76,16 +98,17 @@ def _rows_box(hf: str, target: Canonical, rows: int) -> Box:
     return Box(hf, 0, rows, target, 0)
 
 
-def qkv_boxes(prefix: str, layer: int, heads: int, groups: int, head_dim: int) -> list[Box]:
+def qkv_boxes(prefix: str, layer: int, heads: int, groups: int, head_dim: int, param: str = "weight") -> list[Box]:
+    """The fused QKV weight (or, with ``param="bias"``, its bias: the same rows)."""
     per_group = heads // groups
     stride = (per_group + 2) * head_dim
-    target = (layer, QKV, None)
+    target = (layer, QKV if param == "weight" else QKV_BIAS, None)
     boxes = []
     for g in range(groups):
         base = g * stride
-        boxes.append(Box(prefix + "self_attn.q_proj.weight", g * per_group * head_dim, per_group * head_dim, target, base))
-        boxes.append(Box(prefix + "self_attn.k_proj.weight", g * head_dim, head_dim, target, base + per_group * head_dim))
-        boxes.append(Box(prefix + "self_attn.v_proj.weight", g * head_dim, head_dim, target, base + (per_group + 1) * head_dim))
+        boxes.append(Box(f"{prefix}self_attn.q_proj.{param}", g * per_group * head_dim, per_group * head_dim, target, base))
+        boxes.append(Box(f"{prefix}self_attn.k_proj.{param}", g * head_dim, head_dim, target, base + per_group * head_dim))
+        boxes.append(Box(f"{prefix}self_attn.v_proj.{param}", g * head_dim, head_dim, target, base + (per_group + 1) * head_dim))
     return boxes
 
 
@@ -97,6 +120,11 @@ def llama_boxes(shape: LlamaShape) -> list[Box]:
         p = f"model.layers.{i}."
         boxes.append(_rows_box(p + "input_layernorm.weight", (i, ATTN_NORM, None), h))
         boxes += qkv_boxes(p, i, shape.num_attention_heads, shape.num_query_groups, shape.head_dim)
+        if shape.qkv_bias:
+            boxes += qkv_boxes(p, i, shape.num_attention_heads, shape.num_query_groups, shape.head_dim, "bias")
+        if shape.qk_layernorm:
+            boxes.append(_rows_box(p + "self_attn.q_norm.weight", (i, Q_NORM, None), shape.head_dim))
+            boxes.append(_rows_box(p + "self_attn.k_norm.weight", (i, K_NORM, None), shape.head_dim))
         boxes.append(_rows_box(p + "self_attn.o_proj.weight", (i, PROJ, None), h))
         boxes.append(_rows_box(p + "post_attention_layernorm.weight", (i, MLP_NORM, None), h))
         if shape.is_moe_layer(i):
@@ -128,6 +156,13 @@ def hf_shapes(shape: LlamaShape) -> dict[str, tuple[int, ...]]:
         out[p + "self_attn.q_proj.weight"] = (shape.num_attention_heads * d, h)
         out[p + "self_attn.k_proj.weight"] = (shape.num_query_groups * d, h)
         out[p + "self_attn.v_proj.weight"] = (shape.num_query_groups * d, h)
+        if shape.qkv_bias:
+            out[p + "self_attn.q_proj.bias"] = (shape.num_attention_heads * d,)
+            out[p + "self_attn.k_proj.bias"] = (shape.num_query_groups * d,)
+            out[p + "self_attn.v_proj.bias"] = (shape.num_query_groups * d,)
+        if shape.qk_layernorm:
+            out[p + "self_attn.q_norm.weight"] = (d,)
+            out[p + "self_attn.k_norm.weight"] = (d,)
         out[p + "self_attn.o_proj.weight"] = (h, shape.num_attention_heads * d)
         out[p + "post_attention_layernorm.weight"] = (h,)
         if shape.is_moe_layer(i):

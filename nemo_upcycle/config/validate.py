@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from nemo_upcycle.errors import UserError
 from nemo_upcycle.config.moe_layers import MoELayerSpecError, moe_layer_indices
 
 ROUTER_TYPES = ("topk_softmax", "softmax_topk", "sinkhorn", "aux_free")
@@ -16,7 +17,7 @@ LOAD_BALANCING = ("aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "no
 DROP_POLICIES = ("probs", "position")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration that cannot run; the message lists every problem found."""
 
     def __init__(self, problems: list[str]):

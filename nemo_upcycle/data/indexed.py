@@ -54,4 +54,7 @@ def jsonl_documents(path: Path, key: str = "text") -> Iterable[str]:
 
 
 def tokenizer_tag(tokenizer_path: Optional[Path]) -> str:
-    return Path(tokenizer_path).parent.name if tokenizer_path else "bytes"
+    """Names the tokenized-data cache: by content, so two tokenizers never share one."""
+    from nemo_upcycle.checkpoint.tokenizer_files import tokenizer_digest
+
+    return f"{Path(tokenizer_path).name}-{tokenizer_digest(tokenizer_path)}" if tokenizer_path else "bytes"

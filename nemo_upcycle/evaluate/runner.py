@@ -58,16 +58,13 @@ def tokenizer_for(cfg: Any) -> Optional[Path]:
     """The tokenizer folder: model.tokenizer, else the HF model's own, else the dense model's."""
     if cfg.model.tokenizer:
         return Path(cfg.model.tokenizer)
+    from nemo_upcycle.checkpoint.dense_source import has_tokenizer, tokenizer_folder
+
     hf = cfg.eval.hf_model
-    if hf and any((Path(hf) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+    if hf and has_tokenizer(Path(hf)):
         return Path(hf)
-    from omegaconf import OmegaConf
 
-    from nemo_upcycle.dense_source import resolve_paths
-
-    if OmegaConf.is_config(cfg.model) and OmegaConf.is_missing(cfg.model, "dense_checkpoint"):
-        return None  # no dense model named: byte-level vocabulary (the tiny test models)
-    return resolve_paths(cfg)[1]
+    return tokenizer_folder(cfg)  # None: byte-level vocabulary (the tiny test models)
 
 
 def build_backend(cfg: Any) -> tuple[Backend, dict]:
@@ -90,7 +87,7 @@ def build_backend(cfg: Any) -> tuple[Backend, dict]:
 
     if read_launch_env().launcher == "single" and "MASTER_PORT" not in os.environ:
         # A single process needs no fixed port; a fixed one collides with other runs.
-        from nemo_upcycle.testing.multirank import free_port
+        from nemo_upcycle.platform.ports import free_port
 
         os.environ["MASTER_PORT"] = str(free_port())
     par = cfg.parallel
@@ -101,7 +98,7 @@ def build_backend(cfg: Any) -> tuple[Backend, dict]:
         prefix = load_checkpoint(chunks, cfg.eval.checkpoint)
         described = {"backend": "megatron-core", "checkpoint": str(cfg.eval.checkpoint), "key_prefix": prefix}
     else:
-        from nemo_upcycle.dense_source import open_dense_source
+        from nemo_upcycle.checkpoint.dense_source import open_dense_source
         from nemo_upcycle.upcycle.engine import upcycle_from_dense
 
         source = open_dense_source(cfg)

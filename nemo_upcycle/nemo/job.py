@@ -175,8 +175,9 @@ def run_training(cfg: Any) -> dict:
     from nemo.collections import llm
     from nemo.lightning import AutoResume
 
+    from nemo_upcycle.checkpoint.dense_source import open_dense_source, tokenizer_folder
+    from nemo_upcycle.checkpoint.tokenizer_files import tokenizer_only_folder
     from nemo_upcycle.data.prepare import resolve_data_paths
-    from nemo_upcycle.dense_source import open_dense_source, resolve_paths
     from nemo_upcycle.nemo.callbacks import UpcycleMetrics
     from nemo_upcycle.nemo.guards import TrainingGuards
     from nemo_upcycle.nemo.cpu_compat import enable_nemo_cpu_support
@@ -190,11 +191,12 @@ def run_training(cfg: Any) -> dict:
         upcycle_from = str(source.path)
         log.info("no MoE checkpoint in %s: upcycling online from %s", checkpoint_dir(cfg), upcycle_from)
     else:
-        resolve_paths(cfg)  # the tokenizer of an embedded model still has to be there
         upcycle_from = None
         log.info("resuming from %s (no upcycling)", resume_from)
-    _, tokenizer_path = resolve_paths(cfg)
-    tokenizer = _tokenizer(tokenizer_path)
+    tokenizer_path = tokenizer_folder(cfg)  # an embedded model is imported first
+    # NeMo copies the tokenizer folder into every checkpoint: give it the tokenizer files only,
+    # not an HF model folder's weights beside them.
+    tokenizer = _tokenizer(tokenizer_path and tokenizer_only_folder(tokenizer_path, Path(cfg.cache_dir)))
     data = build_data(cfg, tokenizer, resolve_data_paths(cfg, tokenizer_path))
 
     model = llm.GPTModel(make_gpt_config(cfg, upcycle_from), optim=build_optimizer(cfg), tokenizer=tokenizer)

@@ -14,6 +14,7 @@ from nemo.collections.llm.gpt.model.base import GPTConfig
 from omegaconf import OmegaConf
 
 from nemo_upcycle.modeling import layer_spec, transformer_config_kwargs
+from nemo_upcycle.rope_scaling import apply_rope_scaling
 
 
 def upcycle_layer_spec(config: "UpcycleGPTConfig", vp_stage: Optional[int] = None):
@@ -30,7 +31,9 @@ class UpcycleGPTConfig(GPTConfig):
         from nemo_upcycle.provider import upcycle_chunk
 
         model = super().configure_model(tokenizer, pre_process, post_process, vp_stage)
-        upcycle_chunk(model, OmegaConf.create(self.job), self.upcycle_from)
+        job = OmegaConf.create(self.job)
+        apply_rope_scaling(model, job.model)  # on resume too: the frequencies are not saved
+        upcycle_chunk(model, job, self.upcycle_from)
         return model
 
 
@@ -48,7 +51,7 @@ def make_gpt_config(cfg: Any, upcycle_from: Optional[str]) -> UpcycleGPTConfig:
         make_vocab_size_divisible_by=1,
         share_embeddings_and_output_weights=cfg.model.tie_embeddings,
         position_embedding_type="rope",
-        rotary_base=int(cfg.model.rotary_base),
+        rotary_base=cfg.model.rotary_base,
         seq_length=cfg.trainer.seq_length,
         cross_entropy_loss_fusion=False,
         transformer_layer_spec=upcycle_layer_spec,

@@ -70,23 +70,6 @@ def checkpoint_weight_bytes(cfg: Any) -> int:
     return model_params(cfg).total * (precision.param_bytes + precision.optimizer_bytes)
 
 
-def tokenizer_folder(cfg: Any) -> Optional[Path]:
-    """The tokenizer folder the job will use, without importing the embedded model.
-
-    Mirrors :func:`nemo_upcycle.dense_source.resolve_paths` minus its side effect (the
-    first run's import), which a preflight check must not trigger.
-    """
-    from nemo_upcycle.checkpoint.embedded import EMBEDDED_PREFIX, embedded_paths, is_embedded
-
-    if cfg.model.tokenizer:
-        return Path(cfg.model.tokenizer)
-    ckpt = str(cfg.model.dense_checkpoint)
-    if is_embedded(ckpt):
-        return embedded_paths(cfg.cache_dir, ckpt[len(EMBEDDED_PREFIX):])["hf"]
-    path = Path(ckpt)
-    return path if (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file() else None
-
-
 def folder_bytes(path: Optional[Path]) -> int:
     if path is None or not path.exists():
         return 0
@@ -101,7 +84,13 @@ def checkpoint_bytes(cfg: Any) -> int:
     NeMo's ``context/`` copies the whole tokenizer folder into every checkpoint (for the
     embedded SmolLM2 that folder also holds the 538 MB dense safetensors), so it counts too.
     """
-    return checkpoint_weight_bytes(cfg) + folder_bytes(tokenizer_folder(cfg))
+    from nemo_upcycle.checkpoint.dense_source import tokenizer_folder
+    from nemo_upcycle.checkpoint.tokenizer_files import tokenizer_files
+
+    # NeMo is handed the tokenizer files alone (nemo_upcycle.checkpoint.tokenizer_files).
+    folder = tokenizer_folder(cfg, import_embedded=False)
+    tokenizer = sum(f.stat().st_size for f in tokenizer_files(folder)) if folder and folder.is_dir() else 0
+    return checkpoint_weight_bytes(cfg) + tokenizer
 
 
 def checkpoints_on_disk_at_peak(trainer: Any) -> int:
@@ -147,7 +136,18 @@ def _params(cfg: Any) -> str:
     return f"{model_params(cfg).total:,}"
 
 
+def check_tokenizer(cfg: Any) -> None:
+    from nemo_upcycle.checkpoint.dense_source import tokenizer_folder
+
+    if tokenizer_folder(cfg, import_embedded=False) is None:
+        raise PreflightError(
+            f"training needs a tokenizer and none lies beside model.dense_checkpoint={cfg.model.dense_checkpoint}: "
+            "set model.tokenizer=<a Hugging Face tokenizer folder>"
+        )
+
+
 def check_before_training(cfg: Any) -> None:
     """Every output-side check, in the order a user would fix them."""
+    check_tokenizer(cfg)
     check_log_dir_writable(cfg.log_dir)
     check_disk_space(cfg)

@@ -13,22 +13,17 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
+from nemo_upcycle.platform.ports import free_port  # noqa: F401  (tests import it from here)
+
 
 class MultiRankError(AssertionError):
     pass
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _rank_logs(log_dir: Path) -> str:

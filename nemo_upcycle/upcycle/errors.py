@@ -1,7 +1,8 @@
 """Errors the upcycling raises before any weight is read."""
+from nemo_upcycle.errors import UserError
 
 
-class UpcycleError(ValueError):
+class UpcycleError(UserError):
     pass
 
 

@@ -94,10 +94,28 @@ class UpcyclePlan:
 class DenseKeyResolver:
     """Maps (layer, name) of the model to the dense checkpoint's key and offset prefix."""
 
-    def __init__(self, dense_shapes: dict[str, tuple[int, ...]], num_layers: int):
+    def __init__(self, dense_shapes: dict[str, tuple[int, ...]], num_layers: Optional[int]):
         self.shapes = dense_shapes
-        self.num_layers = num_layers
+        self.num_layers = num_layers  # None: not known yet (reading the architecture)
         self.prefix = "module." if any(k.startswith("module.") for k in dense_shapes) else ""
+
+    def has(self, layer: Optional[int], name: str) -> bool:
+        try:
+            self.resolve(layer, name)
+        except DenseCheckpointMismatch:
+            return False
+        return True
+
+    def layer_count(self, name: str) -> int:
+        """How many layers hold ``name`` (stacked: the leading axis; else the per-layer keys)."""
+        stacked = f"{self.prefix}{_STACKED_PREFIX}{name}"
+        if stacked in self.shapes:
+            return self.shapes[stacked][0]
+        pattern = re.compile(rf"^{re.escape(self.prefix + _STACKED_PREFIX)}(\d+)\.{re.escape(name)}$")
+        layers = {int(m.group(1)) for k in self.shapes if (m := pattern.match(k))}
+        if not layers:
+            raise DenseCheckpointMismatch(f"the dense checkpoint has no tensor {name!r} in any layer")
+        return max(layers) + 1
 
     def resolve(self, layer: Optional[int], name: str) -> tuple[str, tuple[int, ...], bool]:
         """(checkpoint key, leading offsets, whether that key has a stacked layer axis)."""
@@ -109,7 +127,7 @@ class DenseKeyResolver:
         stacked = f"{self.prefix}{_STACKED_PREFIX}{name}"
         if stacked in self.shapes:
             rows = self.shapes[stacked][0]
-            if rows != self.num_layers:
+            if self.num_layers is not None and rows != self.num_layers:
                 raise DenseCheckpointMismatch(
                     f"the dense checkpoint has {rows} layers ({stacked} has shape "
                     f"{list(self.shapes[stacked])}) but model.num_layers={self.num_layers}"

@@ -14,6 +14,8 @@ from typing import Optional, Protocol
 
 import torch
 
+from nemo_upcycle.errors import UserError
+
 
 @dataclass
 class SliceRequest:
@@ -58,7 +60,7 @@ def narrow_tensor_by_index(tensor: torch.Tensor, offsets, sizes) -> torch.Tensor
     return tensor
 
 
-class CheckpointFormatError(ValueError):
+class CheckpointFormatError(UserError):
     pass
 
 

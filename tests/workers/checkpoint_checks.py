@@ -96,7 +96,7 @@ def upcycled_from_folder_vs_dense(overrides: list[str], hf_dir: str, dense_path:
     """Upcycle at this layout straight from an HF safetensors folder (open_dense_source) and
     compare with the dense model loaded by megatron-core from a torch_dist checkpoint."""
     from nemo_upcycle.config.compose import compose_config
-    from nemo_upcycle.dense_source import open_dense_source
+    from nemo_upcycle.checkpoint.dense_source import open_dense_source
     from nemo_upcycle.forward import run_schedule
     from nemo_upcycle.modeling import build_model_chunks
     from nemo_upcycle.upcycle.engine import upcycle_from_dense

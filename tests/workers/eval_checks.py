@@ -66,7 +66,7 @@ def save_upcycled_nemo_layout(overrides: list[str], out_dir: str) -> dict:
     from megatron.core import dist_checkpointing
 
     from nemo_upcycle.config.compose import compose_config
-    from nemo_upcycle.dense_source import open_dense_source
+    from nemo_upcycle.checkpoint.dense_source import open_dense_source
     from nemo_upcycle.evaluate.backends import chunks_sharded_state, prefix_sharded_keys
     from nemo_upcycle.modeling import build_model_chunks
     from nemo_upcycle.platform.distributed import setup_parallel

@@ -1,0 +1,209 @@
+"""What a dense checkpoint states about its architecture, in the project's ``model.*`` names.
+
+Every reader (a Hugging Face ``config.json``, this project's import metadata, a NeMo 2
+context, a Megatron-LM ``args``, tensor shapes) returns a plain dict ``{model key: value}``
+holding only what it really states. :func:`fill_and_compare` then fills ``model=auto``
+from it and reports every disagreement with the configuration at once.
+
+The families below are those megatron-core's GPTModel represents exactly with this
+project's settings (RMSNorm, SwiGLU, RoPE); each row says what its Hugging Face config
+maps onto. Anything else is refused here, naming the field and its value, before any
+weight is read.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+from nemo_upcycle.errors import UserError
+
+# model.* keys a checkpoint can state. Order is the order of messages.
+ARCH_KEYS = (
+    "family", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+    "num_query_groups", "head_dim", "vocab_size", "max_position_embeddings", "rotary_base",
+    "norm_eps", "tie_embeddings", "qkv_bias", "qk_layernorm", "rope_scaling_factor",
+    "rope_scaling_low_freq_factor", "rope_scaling_high_freq_factor",
+    "rope_scaling_original_max_position",
+)
+# The fields megatron-core's own RoPE scaling fixes (it exposes only the factor); other
+# values are honoured by nemo_upcycle.rope_scaling, which computes the frequencies itself.
+LLAMA3_ROPE_DEFAULTS = {"rope_scaling_low_freq_factor": 1.0, "rope_scaling_high_freq_factor": 4.0,
+                        "rope_scaling_original_max_position": 8192}
+
+# HF model_type -> (q/k/v biases, per-head q/k RMSNorm). All: RMSNorm, SwiGLU, RoPE, no other bias.
+FAMILIES = {
+    "llama": dict(qkv_bias=False, qk_layernorm=False),    # Llama 2/3/3.1-3.3, SmolLM2, TinyLlama
+    "mistral": dict(qkv_bias=False, qk_layernorm=False),  # Mistral without a sliding window
+    "qwen2": dict(qkv_bias=True, qk_layernorm=False),     # Qwen2, Qwen2.5
+    "qwen3": dict(qkv_bias=False, qk_layernorm=True),     # Qwen3 dense
+}
+
+
+class ArchitectureError(UserError):
+    """A checkpoint whose architecture megatron-core cannot compute exactly here."""
+
+
+def _refuse(problems: list[str], where: str) -> None:
+    if problems:
+        raise ArchitectureError(
+            f"{where} describes a model nemo-upcycle cannot reproduce exactly:\n"
+            + "\n".join(f"  - {p}" for p in problems)
+            + f"\nSupported: model_type {', '.join(FAMILIES)} with RMSNorm, SwiGLU, full RoPE "
+            "(optionally Llama 3.x rope_scaling), no sliding window (see README, supported models)."
+        )
+
+
+def _rope_scaling(config: dict, problems: list[str]) -> dict:
+    scaling = config.get("rope_scaling")
+    if not scaling:
+        return {"rope_scaling_factor": None, **LLAMA3_ROPE_DEFAULTS}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "default":
+        return {"rope_scaling_factor": None, **LLAMA3_ROPE_DEFAULTS}
+    if kind != "llama3":
+        problems.append(
+            f"rope_scaling.rope_type={kind!r}: only 'llama3' RoPE scaling (Llama 3.1-3.3) is "
+            "computed exactly here (yarn, dynamic, linear, longrope are not)"
+        )
+        return {}
+    return {
+        "rope_scaling_factor": float(scaling["factor"]),
+        "rope_scaling_low_freq_factor": float(scaling.get("low_freq_factor", 1.0)),
+        "rope_scaling_high_freq_factor": float(scaling.get("high_freq_factor", 4.0)),
+        "rope_scaling_original_max_position": int(scaling.get("original_max_position_embeddings", 8192)),
+    }
+
+
+def _sliding_window(config: dict, model_type: str, problems: list[str]) -> None:
+    """A window no sequence can exceed is full attention, which megatron-core computes exactly."""
+    window = config.get("sliding_window")
+    if model_type in ("qwen2", "qwen3"):
+        uses = config.get("use_sliding_window", False) or "sliding_attention" in (config.get("layer_types") or [])
+        if uses:
+            problems.append(f"use_sliding_window=true (sliding_window={window}): megatron-core's "
+                            "attention here has no sliding window")
+        return
+    if window is not None and window < config.get("max_position_embeddings", 0):
+        problems.append(
+            f"sliding_window={window} is shorter than max_position_embeddings="
+            f"{config.get('max_position_embeddings')}: megatron-core's attention here has no sliding "
+            "window (a window >= max_position_embeddings, or null, is full attention and is accepted)"
+        )
+
+
+def stated_by_hf_config(config: dict, where: str = "config.json") -> dict:
+    """The architecture a dense Hugging Face ``config.json`` states (refusing what cannot run)."""
+    model_type = config.get("model_type")
+    if model_type not in FAMILIES:
+        raise ArchitectureError(
+            f"{where}: model_type={model_type!r} is not supported; nemo-upcycle reads "
+            f"{', '.join(FAMILIES)} (Llama 2/3.x, SmolLM2, TinyLlama, Mistral, Qwen2/2.5, Qwen3) "
+            "dense models, and mixtral folders written by its own export"
+        )
+    problems = []
+    if config.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act={config['hidden_act']!r}: only SwiGLU (silu) FFNs are supported")
+    if config.get("attention_bias"):
+        problems.append(
+            f"attention_bias=true: {model_type} then also has a bias on o_proj, which megatron-core "
+            "can only add together with biases on every linear layer"
+        )
+    if config.get("mlp_bias"):
+        problems.append("mlp_bias=true: FFN biases are not supported")
+    if config.get("partial_rotary_factor", 1.0) != 1.0:
+        problems.append(f"partial_rotary_factor={config['partial_rotary_factor']}: only full RoPE is supported")
+    _sliding_window(config, model_type, problems)
+    rope = _rope_scaling(config, problems)
+    _refuse(problems, where)
+    heads = int(config["num_attention_heads"])
+    hidden = int(config["hidden_size"])
+    return dict(
+        family=model_type,
+        num_layers=int(config["num_hidden_layers"]),
+        hidden_size=hidden,
+        ffn_hidden_size=int(config["intermediate_size"]),
+        num_attention_heads=heads,
+        num_query_groups=int(config.get("num_key_value_heads") or heads),
+        head_dim=int(config.get("head_dim") or hidden // heads),
+        vocab_size=int(config["vocab_size"]),
+        max_position_embeddings=int(config.get("max_position_embeddings", 8192)),
+        rotary_base=float(config.get("rope_theta", 10000.0)),
+        norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+        **FAMILIES[model_type],
+        **rope,
+    )
+
+
+def effective_head_dim(model: Any) -> int:
+    """``model.head_dim``, or hidden_size / num_attention_heads when it is null."""
+    head_dim = getattr(model, "head_dim", None) if not isinstance(model, dict) else model.get("head_dim")
+    if head_dim:
+        return int(head_dim)
+    get = model.get if isinstance(model, dict) else (lambda k: getattr(model, k))
+    return int(get("hidden_size")) // int(get("num_attention_heads"))
+
+
+def _same(a: Any, b: Any) -> bool:
+    # Checkpoints converted through float32 (GGUF) state 1e-5 as 9.99999974e-06.
+    if isinstance(a, float) or isinstance(b, float):
+        return a is not None and b is not None and math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=0.0)
+    return a == b
+
+
+def _configured(model: Any, key: str) -> Any:
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_missing(model, key):
+        return "???"
+    if key == "head_dim":
+        return effective_head_dim(model)
+    return model[key]
+
+
+def fill_and_compare(model: Any, stated: dict, where: str) -> list[str]:
+    """Fill the missing (``???``) ``model.*`` keys from ``stated``; every disagreement, as sentences.
+
+    ``model`` is the config's OmegaConf ``model`` node; it is changed in place. With
+    ``model=auto`` every key starts missing, so the result is the checkpoint's own
+    architecture; a value given on the command line must agree with the checkpoint where
+    the checkpoint states it, and supplies it where the checkpoint does not.
+    """
+    from omegaconf import OmegaConf, open_dict
+
+    disagreements = []
+    with open_dict(model):
+        for key in ARCH_KEYS:
+            if key not in stated:
+                continue
+            have = _configured(model, key)
+            if have == "???":
+                model[key] = stated[key]
+            elif not _same(have, stated[key]):
+                disagreements.append(f"model.{key}={have} but the checkpoint has {stated[key]}")
+    if disagreements:
+        disagreements.append(f"{where} states: {describe(stated)}; use model=auto to take every value from it")
+    missing = [k for k in ARCH_KEYS if k in model.keys() and OmegaConf.is_missing(model, k)]
+    if missing:
+        disagreements.append(
+            f"the checkpoint does not state {', '.join('model.' + k for k in missing)}: set "
+            + " ".join(f"model.{k}=..." for k in missing) + " on the command line"
+        )
+    return disagreements
+
+
+def describe(stated: dict) -> str:
+    return ", ".join(f"{k}={stated[k]}" for k in ARCH_KEYS if k in stated)
+
+
+def rope_scaling_of(model: Any) -> Optional[dict]:
+    """The llama3 RoPE scaling of ``model`` as Hugging Face writes it, or None."""
+    if getattr(model, "rope_scaling_factor", None) is None:
+        return None
+    return {
+        "rope_type": "llama3",
+        "factor": float(model.rope_scaling_factor),
+        "low_freq_factor": float(model.rope_scaling_low_freq_factor),
+        "high_freq_factor": float(model.rope_scaling_high_freq_factor),
+        "original_max_position_embeddings": int(model.rope_scaling_original_max_position),
+    }
