@@ -178,7 +178,8 @@ def open_dense_source(cfg: Any):
     if not path.exists():
         raise UpcycleError(
             f"model.dense_checkpoint={path} does not exist; point it at a Hugging Face folder, a "
-            "megatron-core/NeMo 2/Megatron-LM checkpoint or a .gguf file, or use embedded:smollm2_135m"
+            "megatron-core/NeMo 2/Megatron-LM checkpoint or a .gguf file (python -m "
+            "nemo_upcycle.import_dense converts the others), or use embedded:smollm2_135m"
         )
     source, metadata, where = _open(path)
     stated = stated_architecture(source, metadata, where)

@@ -147,7 +147,7 @@ def check_tokenizer(cfg: Any) -> None:
 
 
 def check_before_training(cfg: Any) -> None:
-    """Every output-side check, in the order a user would fix them."""
-    check_tokenizer(cfg)
+    """Every check of what the job needs besides the dense weights, in the order a user would fix them."""
     check_log_dir_writable(cfg.log_dir)
     check_disk_space(cfg)
+    check_tokenizer(cfg)

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from nemo_upcycle.planning.layout import moe_layer_flags
+from nemo_upcycle.planning.params import head_dim
 
 
 @dataclass
@@ -51,7 +52,7 @@ def flops_per_token(cfg: Any, seq_length: int, dense: bool = False) -> FlopsPerT
     model, moe = cfg.model, cfg.moe
     H, F, V = model.hidden_size, model.ffn_hidden_size, model.vocab_size
     n, g = model.num_attention_heads, model.num_query_groups
-    d = H // n
+    d = head_dim(model)
     L = model.num_layers
     flags = [False] * L if dense else moe_layer_flags(cfg)
     n_moe = sum(flags)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nemo_upcycle.planning.layout import Layout, moe_layer_flags, stage_layers
-from nemo_upcycle.planning.params import RankParams, fine_experts
+from nemo_upcycle.planning.params import RankParams, fine_experts, head_dim
 
 ADAM_MOMENT_BYTES = 8  # exp_avg + exp_avg_sq, fp32
 MASTER_BYTES = 4  # fp32 copy of 16-bit weights
@@ -128,7 +128,7 @@ def layer_activation_terms(
     model, moe = cfg.model, cfg.moe
     H, F = model.hidden_size, model.ffn_hidden_size
     n, g = model.num_attention_heads, model.num_query_groups
-    d = H // n
+    d = head_dim(model)
     s, b = cfg.trainer.seq_length, cfg.trainer.micro_batch_size
     t, c = layout.tp, layout.cp
     t_sp = t if layout.sp else 1

@@ -20,15 +20,20 @@ from nemo_upcycle.planning.layout import is_moe, moe_layer_flags, stage_layers
 
 
 def head_dim(model: Any) -> int:
-    return model.hidden_size // model.num_attention_heads
+    from nemo_upcycle.checkpoint.architecture import effective_head_dim
+
+    return effective_head_dim(model)
 
 
 def attention_params(model: Any, tp: int = 1) -> int:
     """qkv + output projection of one layer, on one of ``tp`` tensor-parallel ranks."""
     d = head_dim(model)
-    qkv = (model.num_attention_heads + 2 * model.num_query_groups) * d * model.hidden_size
+    rows = (model.num_attention_heads + 2 * model.num_query_groups) * d
+    qkv = rows * (model.hidden_size + (1 if getattr(model, "qkv_bias", False) else 0))
     proj = model.hidden_size * model.num_attention_heads * d
-    return (qkv + proj) // tp
+    # Qwen3's q/k norms (one head_dim weight each) are replicated, not split, across tp.
+    qk_norms = 2 * d * tp if getattr(model, "qk_layernorm", False) else 0
+    return (qkv + proj + qk_norms) // tp
 
 
 def norm_params(model: Any) -> int:
