@@ -46,11 +46,10 @@ def resolve_dense_model(cfg) -> None:
 
 
 @contextlib.contextmanager
-def validated(cfg, world_size: int, needs_dense: bool = True) -> Iterator[None]:
+def validated(cfg, world_size: int) -> Iterator[None]:
     """Read the dense model's architecture, validate ``cfg``; a user error is one clear message, exit 2."""
     try:
-        if needs_dense:
-            resolve_dense_model(cfg)
+        resolve_dense_model(cfg)
         validate(cfg, world_size)
         yield
     except UserError as err:

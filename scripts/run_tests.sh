@@ -4,5 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# Let the first process cache the bytecode of this package and the tests (the installed
+# packages were compiled by setup_env.sh); with it set, each of the suite's hundreds of
+# processes would compile them again.
+unset PYTHONDONTWRITEBYTECODE
 export PYTHONWARNINGS=${PYTHONWARNINGS:-ignore}
 exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 "$@" tests

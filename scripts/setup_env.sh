@@ -22,11 +22,12 @@ fi
 echo "setting up $VENV (first time: about 3-5 minutes, 3 GB)"
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 # pip's exit status is kept; only this machine's noisy "Location ... is ignored" lines are dropped.
-# --no-compile: byte-compiling every installed file (NeMo, transformers, lightning...) took
-# longer than compiling, on first import, the modules a run really uses (measured on a fresh
-# clone here: 192 s + 14 s first import with it, 118 s + 34 s without).
+# pip byte-compiles what it installs, on purpose: where PYTHONDONTWRITEBYTECODE is set (as it
+# is on these machines) Python never caches what it compiles on import, so without .pyc files
+# every process of every run recompiled NeMo, megatron-core and torch (about 9 s of each
+# process's start, measured here; the test suite took twice as long).
 pip_install() {
-  "$VENV/bin/python" -m pip --disable-pip-version-check -q install --no-compile "$@" 2> >(grep -v "^WARNING: Location" >&2)
+  "$VENV/bin/python" -m pip --disable-pip-version-check -q install "$@" 2> >(grep -v "^WARNING: Location" >&2)
 }
 # torch first and pinned: the CPU build of 2.13.0 lies on this machine's disk; an unpinned
 # torch pulled in by another package would download a CUDA build of several GB.

@@ -53,7 +53,7 @@ def test_non_llama_architecture(tiny_hf, tmp_path):
     folder = _copy(tiny_hf, tmp_path / "gpt2")
     cfg = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps(dict(cfg, model_type="gpt2", architectures=["GPT2LMHeadModel"])))
-    with pytest.raises(ImportError_, match="'gpt2' is not a Llama-architecture model"):
+    with pytest.raises(ImportError_, match="model_type='gpt2' is not supported"):
         run_import(str(folder), tmp_path / "out")
     assert no_leftovers(tmp_path / "out")
 
@@ -108,6 +108,34 @@ def test_unsupported_gguf_quantisation(tmp_path):
     writer.write_tensors_to_file()
     writer.close()
     with pytest.raises(ImportError_, match="unsupported GGUF quantisation IQ2_XXS"):
+        run_import(str(path), tmp_path / "out")
+    assert no_leftovers(tmp_path / "out")
+
+
+def _tiny_gguf(path, architecture, tensors):
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_block_count(1)
+    for name, array in tensors.items():
+        writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("architecture, tensors, needle", [
+    ("qwen2", {"blk.0.attn_norm.weight": np.ones(8, dtype=np.float32)}, "general.architecture='qwen2'"),
+    ("llama", {"blk.0.attn_norm.weight": np.ones(8, dtype=np.float32), "rope_freqs.weight": np.ones(4, dtype=np.float32)},
+     "RoPE scaling"),
+])
+def test_gguf_files_that_would_lose_something_are_refused(architecture, tensors, needle, tmp_path):
+    """Qwen2 GGUF files (biases llama.cpp maps differently) and Llama 3.1 ones (RoPE scaling
+    stored as a rope_freqs tensor) are refused, never read without what they hold."""
+    path = _tiny_gguf(tmp_path / "model.gguf", architecture, tensors)
+    with pytest.raises(ImportError_, match=needle):
         run_import(str(path), tmp_path / "out")
     assert no_leftovers(tmp_path / "out")
 

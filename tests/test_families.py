@@ -130,3 +130,26 @@ def test_megatron_lm_root_resolves_to_the_iteration_its_tracker_names(hf_folders
     (root / "latest_checkpointed_iteration.txt").write_text("20\n")
     out = run_cli("nemo_upcycle.verify", "model=auto", f"model.dense_checkpoint={root}")
     assert out.returncode == 2 and "names iteration '20'" in out.stderr and "iter_0000010" in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_nemo_trains_the_family_straight_from_the_folder(family, hf_folders, tmp_path):
+    """NeMo's trainer builds the family's attention (q/k/v biases, q/k norms) from the job's
+    configuration and trains it; the Llama 3.1 journey with checkpoints and resume is in
+    test_training.py."""
+    import shutil
+
+    from nemo_upcycle.testing.tiny_hf import write_word_tokenizer
+    from tests.workers.training_checks import read_metrics, run_training
+
+    folder = tmp_path / family
+    shutil.copytree(hf_folders[family], folder)
+    write_word_tokenizer(folder, 256)
+    out = run_training(1, ["model=auto", f"model.dense_checkpoint={folder}", f"log_dir={tmp_path / 'run'}",
+                           f"cache_dir={tmp_path / 'cache'}", "trainer.max_steps=3", "trainer.seq_length=64",
+                           "trainer.micro_batch_size=1", "trainer.global_batch_size=2", "trainer.lr=1e-3",
+                           "trainer.warmup_steps=1", "trainer.val_check_interval=3", "trainer.limit_val_batches=1",
+                           "trainer.checkpoint_every_n_steps=0"])
+    assert out.returncode == 0, out.stdout[-4000:]
+    assert "upcycled online" in out.stdout
+    assert len(read_metrics(tmp_path / "run")) == 3

@@ -23,7 +23,6 @@ from typing import Any, Optional
 
 import torch
 
-from nemo_upcycle.errors import UserError
 from nemo_upcycle.checkpoint.architecture import rope_scaling_of
 from nemo_upcycle.checkpoint.hf_llama import (
     LlamaShape,
@@ -34,6 +33,7 @@ from nemo_upcycle.checkpoint.hf_llama import (
     llama_boxes,
 )
 from nemo_upcycle.checkpoint.tokenizer_files import TOKENIZER_FILES
+from nemo_upcycle.errors import UserError
 from nemo_upcycle.upcycle.sources import ReadStats, SliceRequest, narrow_tensor_by_index
 
 _ST_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}

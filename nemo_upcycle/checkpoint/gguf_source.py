@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nemo_upcycle.errors import UserError
 from nemo_upcycle.checkpoint.hf_llama import LlamaShape, hf_shapes
 from nemo_upcycle.checkpoint.safetensors_source import MappedHFSource
+from nemo_upcycle.errors import UserError
 
 # Quantisations dequantised here (the ones transformers' GGUF loader reads too).
 SUPPORTED_QUANTS = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",

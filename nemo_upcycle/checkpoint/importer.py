@@ -18,8 +18,9 @@ from typing import Optional
 
 import torch
 
-from nemo_upcycle.errors import UserError
 from nemo_upcycle.checkpoint.hf_llama import LlamaShape
+from nemo_upcycle.checkpoint.tokenizer_files import is_gguf_copy
+from nemo_upcycle.errors import UserError
 
 MODEL_INFO = "nemo_upcycle_model.json"
 
@@ -145,8 +146,6 @@ def load_gguf_as_hf(gguf_file: Path, hf_out: Optional[Path] = None):
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-        from nemo_upcycle.checkpoint.tokenizer_files import is_gguf_copy
-
         if is_gguf_copy(tmp / "tokenizer.model"):
             (tmp / "tokenizer.model").unlink()  # the GGUF file itself; tokenizer.json suffices
         tmp.rename(hf_out)

@@ -11,9 +11,10 @@ read (row ranges with plain file reads at the header's offsets, column slices wi
 ``safe_open(...).get_slice(...)``) from the one or several HF tensors it comes
 from, so a rank reads only the rows and columns it owns.
 
-:class:`HFFolder` checks a folder before anything is read: the architecture is
-Llama/Mixtral, every shard the index names exists, no file is truncated, every tensor the
-model needs is present with the right shape.
+:class:`HFFolder` checks a folder before anything is read: the architecture is one
+megatron-core computes exactly (``checkpoint/architecture.py``: Llama, Mistral, Qwen2,
+Qwen3, and Mixtral read back), every shard the index names exists, no file is truncated,
+every tensor the model needs is present with the right shape, and no other tensor is there.
 """
 from __future__ import annotations
 
@@ -26,7 +27,6 @@ from typing import Optional
 
 import torch
 
-from nemo_upcycle.errors import UserError
 from nemo_upcycle.checkpoint.hf_llama import (
     Box,
     Canonical,
@@ -38,6 +38,7 @@ from nemo_upcycle.checkpoint.hf_llama import (
     llama_boxes,
     split_request,
 )
+from nemo_upcycle.errors import UserError
 from nemo_upcycle.upcycle.sources import ReadStats, SliceRequest
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -50,7 +51,7 @@ _ST_DTYPES = {
 
 
 class HFFormatError(UserError):
-    """A Hugging Face folder that cannot be read as a Llama/Mixtral model; says what and why."""
+    """A Hugging Face folder that cannot be read as a supported model; says what and why."""
 
 
 def read_safetensors_header(path: Path) -> dict:
@@ -174,7 +175,7 @@ class HFFolder:
 
 
 class MappedHFSource:
-    """An HF Llama/Mixtral model (any storage) seen through megatron-core keys.
+    """An HF Llama-family/Mixtral model (any storage) seen through megatron-core keys.
 
     Subclasses say where HF tensors live: :meth:`_group` (which storage unit holds a
     tensor) and :meth:`_open` (a context manager giving ``fetch(name, rows, cols)``).
