@@ -46,8 +46,10 @@ def check_runs(runs, common: list[str], ablate) -> dict[str, int]:
     from hydra.errors import HydraException
 
     from nemo_upcycle.ablation.runner import run_overrides
+    from nemo_upcycle.cli import resolve_dense_model
     from nemo_upcycle.config.compose import compose_config
     from nemo_upcycle.config.validate import ConfigError, collect_problems
+    from nemo_upcycle.errors import UserError
 
     problems, max_steps = [], {}
     if ablate.nproc < 1:
@@ -57,6 +59,11 @@ def check_runs(runs, common: list[str], ablate) -> dict[str, int]:
         try:
             cfg = compose_config(overrides)
         except HydraException as err:
+            problems.append(f"run {run.name}: {err}")
+            continue
+        try:
+            resolve_dense_model(cfg)  # model=auto: the architecture from the checkpoint
+        except UserError as err:
             problems.append(f"run {run.name}: {err}")
             continue
         problems += [f"run {run.name}: {p}" for p in collect_problems(cfg, ablate.nproc)]
