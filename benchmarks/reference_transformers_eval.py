@@ -1,6 +1,6 @@
 """Independent check of ``python -m nemo_upcycle.evaluate`` with plain transformers.
 
-Same questions and prompt texts (nemo_upcycle.evaluate.mmlu selects and formats them), but
+Same questions and prompt texts (nemo_upcycle.evaluation.mmlu selects and formats them), but
 scored one sequence at a time, unbatched and unpadded, from ``model(ids).logits``; perplexity
 from transformers' own ``labels=`` loss. Compares with an evaluate results.json:
 
@@ -20,7 +20,7 @@ import torch
 
 
 def mmlu_reference(model, tokenizer, num_questions, seed, shots, scoring):
-    from nemo_upcycle.evaluate.mmlu import build_requests, load_questions, select_questions
+    from nemo_upcycle.evaluation.mmlu import build_requests, load_questions, select_questions
 
     questions = list(load_questions())
     selected = select_questions(questions, num_questions, seed)
@@ -47,7 +47,7 @@ def mmlu_reference(model, tokenizer, num_questions, seed, shots, scoring):
 
 
 def ppl_reference(model, tokenizer, seq_length, max_tokens):
-    from nemo_upcycle.assets import heldout_news_text
+    from nemo_upcycle.data.assets import heldout_news_text
 
     text = re.sub(r"\s+", " ", heldout_news_text().read_text(encoding="utf-8", errors="replace")).strip()
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -65,8 +65,8 @@ def profile_step(overrides: list[str], micro_batch: int, seq: int, micro_batches
     from torch.profiler import ProfilerActivity, profile
 
     from nemo_upcycle.config.compose import compose_config
-    from nemo_upcycle.forward import run_schedule
-    from nemo_upcycle.modeling import build_model_chunks
+    from nemo_upcycle.model.forward import run_schedule
+    from nemo_upcycle.model.modeling import build_model_chunks
     from nemo_upcycle.platform.distributed import setup_parallel, teardown_parallel
 
     cfg = compose_config(overrides)

@@ -78,7 +78,7 @@ def measured_cpu_peak_tflops(size: int = 1024, repeats: int = 5) -> float:
 
 def train(overrides: list[str], nproc: int, log_dir: Path, timeout_s: float) -> list[dict]:
     """Run the product's training job; its per-step metrics (rank 0's metrics.jsonl)."""
-    from nemo_upcycle.platform.ports import free_port
+    from nemo_upcycle.util.ports import free_port
 
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            f"--master_port={free_port()}", "--max_restarts=0", "-m", "nemo_upcycle.train",
@@ -157,8 +157,8 @@ def main() -> None:
     import torch
 
     from nemo_upcycle.config.compose import compose_config
-    from nemo_upcycle.planning.flops import flops_per_token
-    from nemo_upcycle.planning.params import rank_params
+    from nemo_upcycle.capacity.flops import flops_per_token
+    from nemo_upcycle.capacity.params import rank_params
 
     info = machine.describe()
     cache_dir = Path(args.cache_dir)
@@ -175,7 +175,7 @@ def main() -> None:
     if peak_tflops is None:
         known = None
         if torch.cuda.is_available():  # (imports Lightning: only where there is a GPU to look up)
-            from nemo_upcycle.nemo.callbacks import peak_flops_per_device
+            from nemo_upcycle.training.callbacks import peak_flops_per_device
 
             known = peak_flops_per_device(None)
         if known:

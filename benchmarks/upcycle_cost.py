@@ -74,7 +74,7 @@ def dense_checkpoint(model: str, cache_dir: Path) -> tuple[Path, list[str]]:
 def memory_need(overrides: list[str], nproc: int) -> dict[str, int]:
     """Rough total bytes each path needs on the machine (all ranks), from parameter counts."""
     from nemo_upcycle.config.compose import compose_config
-    from nemo_upcycle.planning.params import rank_params
+    from nemo_upcycle.capacity.params import rank_params
 
     cfg = compose_config(overrides)
     dense_cfg = compose_config(overrides + ["moe=dense"])

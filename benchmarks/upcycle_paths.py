@@ -89,7 +89,7 @@ def measure(path: str, overrides: list[str], dense_path: str) -> dict:
     import torch.distributed as dist
 
     from nemo_upcycle.config.compose import compose_config
-    from nemo_upcycle.modeling import build_model_chunks, build_transformer_config
+    from nemo_upcycle.model.modeling import build_model_chunks, build_transformer_config
     from nemo_upcycle.platform.distributed import setup_parallel, teardown_parallel
     from nemo_upcycle.upcycle.engine import upcycle_from_dense
     from nemo_upcycle.upcycle.sources import TorchDistCheckpoint

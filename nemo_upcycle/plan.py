@@ -1,42 +1,5 @@
-"""``python -m nemo_upcycle.plan``: will this layout fit, and what will it cost?
-
-Takes the training configuration (same Hydra groups and overrides) plus ``world_size=`` or
-``nodes=``/``gpus_per_node=``, ``train.tokens=``, ``plan.gpu=``/``plan.peak_tflops=``,
-``plan.mfu=`` and ``plan.format=table|json``. Validates the layout with the same function as
-training and exits with status 2 and the same message when it cannot run.
-"""
-from __future__ import annotations
-
-import sys
-from pathlib import Path
-
-import hydra
-from omegaconf import DictConfig
-
-from nemo_upcycle.config.schema import register_configs
-from nemo_upcycle.config.validate import ConfigError
-
-CONFIG_PATH = str(Path(__file__).resolve().parents[1] / "configs")
-
-register_configs()
-
-
-def plan_text(cfg) -> str:
-    """The plan for ``cfg`` as it would be printed (raises ConfigError for a bad layout)."""
-    from nemo_upcycle.planning.report import build_report, render
-
-    return render(build_report(cfg), cfg.plan.format)
-
-
-@hydra.main(config_path=CONFIG_PATH, config_name="config", version_base=None)
-def main(cfg: DictConfig) -> None:
-    try:
-        text = plan_text(cfg)
-    except ConfigError as err:
-        print(err, file=sys.stderr)
-        sys.exit(2)
-    print(text)
-
+"""``python -m nemo_upcycle.plan``: forwards to :mod:`nemo_upcycle.cli.plan` (``nemo-upcycle plan``)."""
+from nemo_upcycle.cli.plan import main
 
 if __name__ == "__main__":
     main()

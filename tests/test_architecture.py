@@ -8,7 +8,7 @@ import torch
 
 from nemo_upcycle.checkpoint.architecture import ArchitectureError, fill_and_compare, stated_by_hf_config
 from nemo_upcycle.config.compose import compose_config
-from nemo_upcycle.rope_scaling import llama3_inv_freq
+from nemo_upcycle.model.rope_scaling import llama3_inv_freq
 
 
 def _config(model_type="llama", **more):

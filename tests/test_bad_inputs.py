@@ -87,7 +87,7 @@ def test_log_dir_that_cannot_be_created(tiny_dense_ckpt, tmp_path):
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes through permission bits")
 def test_log_dir_without_write_permission(tmp_path):
-    from nemo_upcycle.nemo.preflight import PreflightError, check_log_dir_writable
+    from nemo_upcycle.training.preflight import PreflightError, check_log_dir_writable
 
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
@@ -103,7 +103,7 @@ def test_not_enough_disk_for_the_checkpoints_is_refused_up_front(tiny_dense_ckpt
     """The tiny model with a million experts per layer: over 10 TB per checkpoint with Adam's
     states, more than this disk has. Refused from the metadata, before any weight is read."""
     from nemo_upcycle.config.compose import compose_config
-    from nemo_upcycle.nemo.preflight import checkpoint_bytes
+    from nemo_upcycle.training.preflight import checkpoint_bytes
 
     overrides = [*tiny(tiny_dense_ckpt), "moe.num_experts=1048576", f"log_dir={tmp_path / 'run'}"]
     one = checkpoint_bytes(compose_config(overrides))
@@ -124,6 +124,6 @@ def test_checkpoints_on_disk_at_once(max_steps, every, kept):
     saves twice; the disk check multiplies the checkpoint size by this."""
     from types import SimpleNamespace
 
-    from nemo_upcycle.nemo.preflight import checkpoints_on_disk_at_peak
+    from nemo_upcycle.training.preflight import checkpoints_on_disk_at_peak
 
     assert checkpoints_on_disk_at_peak(SimpleNamespace(max_steps=max_steps, checkpoint_every_n_steps=every)) == kept

@@ -80,7 +80,7 @@ UNSUPPORTED = {
 def test_configs_without_a_mixtral_equivalent_are_refused(case, tiny_moe_ckpt, tmp_path):
     from nemo_upcycle.checkpoint.exporter import ExportError
     from nemo_upcycle.config.compose import compose_config
-    from nemo_upcycle.export_hf import run_export
+    from nemo_upcycle.checkpoint.export_job import run_export
 
     overrides, reason = UNSUPPORTED[case]
     out = tmp_path / "out"

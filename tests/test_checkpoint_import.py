@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from nemo_upcycle.checkpoint.importer import ImportError_
-from nemo_upcycle.import_dense import run_import
+from nemo_upcycle.checkpoint.importer import run_import
 from nemo_upcycle.testing.multirank import run_on_ranks
 from tests.checkpoint_helpers import assert_same_tensors, export, import_dense, no_leftovers, run_cli
 from tests.conftest import tiny
@@ -200,7 +200,7 @@ def test_smollm2_gguf_streams_the_same_weights_as_transformers(smollm2_hf):
     """The GGUF reader dequantises and un-permutes q/k exactly as transformers' GGUF loader."""
     import torch
 
-    from nemo_upcycle.assets import smollm2_gguf
+    from nemo_upcycle.data.assets import smollm2_gguf
     from nemo_upcycle.checkpoint.gguf_source import GGUFSource
     from nemo_upcycle.checkpoint.safetensors_source import SafetensorsSource
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from nemo_upcycle.evaluate import mmlu
-from nemo_upcycle.evaluate.scoring import perplexity, pick_logprobs, score_continuations
+from nemo_upcycle.evaluation.scoring import perplexity, pick_logprobs, score_continuations
 from nemo_upcycle.testing.multirank import run_on_ranks
 from tests.conftest import REPO
 
@@ -157,7 +157,7 @@ class BigramBackend:
         return float(torch.log_softmax(self.table[prev].double(), -1)[nxt])
 
     def selected_logprobs(self, sequences, rows, token_ids):
-        from nemo_upcycle.evaluate.scoring import pad_right
+        from nemo_upcycle.evaluation.scoring import pad_right
 
         tokens, _ = pad_right(sequences)
         self.calls.append(tokens.shape)
@@ -211,7 +211,7 @@ def test_perplexity_hand_checked():
 
 
 def test_summary_line_format():
-    from nemo_upcycle.evaluate.runner import summary_line
+    from nemo_upcycle.evaluation.runner import summary_line
 
     assert summary_line({"mmlu_acc": 0.296, "n": 500, "ppl": 33.123456}) == "mmlu_acc=0.2960 n=500 ppl=33.1235"
     assert summary_line({"mmlu_acc": float("nan"), "n": 0, "ppl": 2.0}) == "mmlu_acc=nan n=0 ppl=2.0000"
@@ -227,7 +227,7 @@ def test_eval_config_defaults_are_in_the_job_config():
 
 
 def test_nemo_checkpoint_key_prefix_is_detected():
-    from nemo_upcycle.evaluate.backends import checkpoint_key_prefix
+    from nemo_upcycle.evaluation.backends import checkpoint_key_prefix
 
     keys = ["embedding.word_embeddings.weight", "decoder.final_layernorm.weight"]
     assert checkpoint_key_prefix(keys) == ""

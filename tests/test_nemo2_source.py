@@ -117,7 +117,7 @@ def test_own_training_context_states_the_job_model(tmp_path):
                  rotary_base=100000.0, norm_eps=1e-6, tie_embeddings=True, qkv_bias=False, qk_layernorm=True,
                  rope_scaling_factor=32.0, rope_scaling_low_freq_factor=1.0, rope_scaling_high_freq_factor=4.0,
                  rope_scaling_original_max_position=8192, name="tiny", pretrain_tokens=0.0)
-    root = _context(tmp_path, {"_target_": "nemo_upcycle.nemo.model_config.UpcycleGPTConfig",
+    root = _context(tmp_path, {"_target_": "nemo_upcycle.training.model_config.UpcycleGPTConfig",
                                "num_layers": 4, "seq_length": 128, "job": {"model": model}})
     assert stated_architecture(root) == {k: v for k, v in model.items() if k not in ("name", "pretrain_tokens")} \
         | {"head_dim": 16}

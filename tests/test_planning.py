@@ -15,11 +15,11 @@ import pytest
 
 from nemo_upcycle.config.compose import compose_config
 from nemo_upcycle.config.validate import ConfigError, collect_problems
-from nemo_upcycle.planning.layout import layout_of
-from nemo_upcycle.planning.memory import Precision, model_state_bytes, rank_activation_bytes
-from nemo_upcycle.planning.params import model_params, rank_params
-from nemo_upcycle.planning.reads import elements_read
-from nemo_upcycle.planning.report import build_report, render_table
+from nemo_upcycle.capacity.layout import layout_of
+from nemo_upcycle.capacity.memory import Precision, model_state_bytes, rank_activation_bytes
+from nemo_upcycle.capacity.params import model_params, rank_params
+from nemo_upcycle.capacity.reads import elements_read
+from nemo_upcycle.capacity.report import build_report, render_table
 from nemo_upcycle.testing.multirank import run_on_ranks
 
 WORKER = "tests.workers.planning_checks"
@@ -74,7 +74,7 @@ def test_plan_cli_prints_parameters_and_budget():
 
 def test_plan_json_has_the_same_numbers():
     cfg = compose_config(PAPER + ["plan.mfu=0.39", "plan.format=json"])
-    from nemo_upcycle.plan import plan_text
+    from nemo_upcycle.cli.plan import plan_text
 
     report = json.loads(plan_text(cfg))
     assert report["parameters"]["total"] == model_params(cfg).total
@@ -89,7 +89,7 @@ def test_plan_json_has_the_same_numbers():
 
 def test_flops_per_token_standard_accounting():
     cfg = compose_config(LLAMA_E8T2 + ["trainer.seq_length=8192"])
-    from nemo_upcycle.planning.flops import flops_per_token
+    from nemo_upcycle.capacity.flops import flops_per_token
 
     moe, dense = flops_per_token(cfg, 8192), flops_per_token(cfg, 8192, dense=True)
     p = model_params(cfg)

@@ -72,7 +72,7 @@ def _assert_disk_estimate_matches(cfg, checkpoint):
     dense model's weights that lie beside them)."""
     from nemo_upcycle.checkpoint.dense_source import tokenizer_folder
     from nemo_upcycle.checkpoint.tokenizer_files import tokenizer_files
-    from nemo_upcycle.nemo.preflight import checkpoint_weight_bytes, folder_bytes
+    from nemo_upcycle.training.preflight import checkpoint_weight_bytes, folder_bytes
 
     weights, estimate = folder_bytes(checkpoint / "weights"), checkpoint_weight_bytes(cfg)
     assert abs(weights - estimate) < 0.02 * weights, (weights, estimate)

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from nemo_upcycle.errors import UserError
+
 
 @dataclass(frozen=True)
 class GridRun:
@@ -41,7 +43,7 @@ def build_grid(ablate: Any) -> list[GridRun]:
     if ablate.only:
         unknown = set(ablate.only) - {r.name for r in runs}
         if unknown:
-            raise ValueError(f"ablate.only names runs that are not in the grid: {sorted(unknown)}; "
-                             f"the grid has {[r.name for r in runs]}")
+            raise UserError(f"ablate.only names runs that are not in the grid: {sorted(unknown)}; "
+                            f"the grid has {[r.name for r in runs]}")
         runs = [r for r in runs if r.name in set(ablate.only)]
     return runs

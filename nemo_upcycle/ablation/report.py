@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from nemo_upcycle.evaluate.runner import write_json_atomic, write_text_atomic
+from nemo_upcycle.util.atomic import write_json_atomic, write_text_atomic
 
 COLUMNS = (
     ("label", "run", "{}"),

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from nemo_upcycle.ablation.grid import GridRun
-from nemo_upcycle.evaluate.runner import write_json_atomic
-from nemo_upcycle.platform.ports import free_port
+from nemo_upcycle.util.atomic import write_json_atomic
+from nemo_upcycle.util.ports import free_port
 
 RESULT_FILE = "result.json"
 # Steps whose time includes one-off work (graph warm-up, first allocations) are left out of

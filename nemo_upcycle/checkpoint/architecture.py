@@ -26,7 +26,7 @@ ARCH_KEYS = (
     "rope_scaling_original_max_position",
 )
 # The fields megatron-core's own RoPE scaling fixes (it exposes only the factor); other
-# values are honoured by nemo_upcycle.rope_scaling, which computes the frequencies itself.
+# values are honoured by nemo_upcycle.model.rope_scaling, which computes the frequencies itself.
 LLAMA3_ROPE_DEFAULTS = {"rope_scaling_low_freq_factor": 1.0, "rope_scaling_high_freq_factor": 4.0,
                         "rope_scaling_original_max_position": 8192}
 

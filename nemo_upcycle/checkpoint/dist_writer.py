@@ -77,9 +77,9 @@ def meta_model_template(overrides: list[str]) -> tuple[list[TensorChunk], list[O
     Initialises a one-rank gloo group (and megatron's parallel state) when none exists.
     """
     from nemo_upcycle.config.compose import compose_config
-    from nemo_upcycle.modeling import build_model_chunks
+    from nemo_upcycle.model.modeling import build_model_chunks
     from nemo_upcycle.platform.distributed import setup_parallel
-    from nemo_upcycle.platform.ports import single_process_rendezvous
+    from nemo_upcycle.util.ports import single_process_rendezvous
 
     single = ["parallel.tp=1", "parallel.pp=1", "parallel.vpp=null", "parallel.ep=1",
               "parallel.etp=null", "parallel.cp=1", "parallel.sp=false"]

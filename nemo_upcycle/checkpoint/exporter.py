@@ -34,7 +34,9 @@ from nemo_upcycle.checkpoint.hf_llama import (
 )
 from nemo_upcycle.checkpoint.tokenizer_files import TOKENIZER_FILES
 from nemo_upcycle.errors import UserError
+from nemo_upcycle.upcycle.routers import router_row
 from nemo_upcycle.upcycle.sources import ReadStats, SliceRequest, narrow_tensor_by_index
+from nemo_upcycle.upcycle.spec import UpcycleSpec
 
 _ST_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
@@ -57,15 +59,9 @@ def unsupported_reasons(cfg: Any) -> list[str]:
     if moe.num_experts == 0:
         return []
     reasons = []
-    if router.type != "topk_softmax":
-        what = {
-            "softmax_topk": "softmax over all experts, then top-k without renormalising (Mixtral "
-                            "renormalises over the chosen experts)",
-            "sinkhorn": "Sinkhorn routing (Mixtral has no equivalent)",
-            "aux_free": "sigmoid scores with a load-balancing expert bias (DeepSeek-V3 style; "
-                        "Mixtral has neither)",
-        }.get(router.type, router.type)
-        reasons.append(f"router.type={router.type}: {what}")
+    row = router_row(router.type)
+    if row.export_target != "mixtral":
+        reasons.append(f"router.type={router.type}: {row.export_refusal}")
     layers = moe_layer_indices(moe.layers, model.num_layers)
     if len(layers) != model.num_layers:
         dense = sorted(set(range(model.num_layers)) - set(layers))
@@ -94,19 +90,14 @@ def check_exportable(cfg: Any) -> None:
 
 def llama_shape(cfg: Any) -> LlamaShape:
     """The HF shape of the model in ``cfg``; granular experts become E*G Mixtral experts of width F/G."""
-    from nemo_upcycle.modeling import num_fine_experts
-
-    m, moe = cfg.model, cfg.moe
-    experts = num_fine_experts(moe) if moe.num_experts > 0 else 0
-    shape = LlamaShape.of_model(m, num_experts=experts, moe_layers=list(range(m.num_layers)) if experts else [])
-    if experts:
-        shape.ffn_hidden_size = m.ffn_hidden_size // moe.granularity
+    spec = UpcycleSpec.of(cfg)
+    shape = LlamaShape.of_model(cfg.model, num_experts=spec.num_experts, moe_layers=list(spec.moe_layers))
+    if spec.is_moe:
+        shape.ffn_hidden_size = spec.expert_ffn_hidden_size
     return shape
 
 
 def hf_config(cfg: Any, dtype: torch.dtype, dense_config: Optional[dict] = None) -> dict:
-    from nemo_upcycle.modeling import fine_topk
-
     m, moe = cfg.model, cfg.moe
     shape = llama_shape(cfg)
     out = {
@@ -136,7 +127,7 @@ def hf_config(cfg: Any, dtype: torch.dtype, dense_config: Optional[dict] = None)
             architectures=["MixtralForCausalLM"],
             model_type="mixtral",
             num_local_experts=shape.num_experts,
-            num_experts_per_tok=fine_topk(moe),
+            num_experts_per_tok=UpcycleSpec.of(cfg).topk,
             output_router_logits=False,
             router_aux_loss_coef=float(cfg.router.aux_loss_coeff or 0.0),
             router_jitter_noise=0.0,

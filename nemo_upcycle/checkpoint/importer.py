@@ -150,3 +150,37 @@ def load_gguf_as_hf(gguf_file: Path, hf_out: Optional[Path] = None):
             (tmp / "tokenizer.model").unlink()  # the GGUF file itself; tokenizer.json suffices
         tmp.rename(hf_out)
     return model, tokenizer
+
+
+def run_import(source: str, output_dir: Path, cache_dir: Optional[str] = None, overwrite: bool = False,
+               dtype: Optional[str] = None, progress: bool = True) -> dict:
+    """Import ``source`` (HF folder, ``.gguf`` file or ``embedded:<name>``) into ``output_dir``."""
+    from nemo_upcycle.checkpoint.dtypes import parse_dtype
+    from nemo_upcycle.checkpoint.embedded import EMBEDDED_PREFIX, embedded_paths, is_embedded
+
+    output_dir = Path(output_dir)
+    check_output_dir(output_dir, overwrite)
+    torch_dtype = parse_dtype(dtype, ImportError_)
+    if is_embedded(source):
+        from nemo_upcycle.data.assets import smollm2_gguf
+
+        hf_dir = embedded_paths(cache_dir, source[len(EMBEDDED_PREFIX):])["hf"]
+        if not hf_dir.is_dir():
+            hf_dir.parent.mkdir(parents=True, exist_ok=True)
+            load_gguf_as_hf(smollm2_gguf(), hf_dir)
+        return import_hf_folder(hf_dir, output_dir, overwrite, torch_dtype, progress)
+    path = Path(source)
+    if source.endswith(".gguf"):
+        return import_gguf(path, output_dir, overwrite, torch_dtype or torch.float32, progress)
+    if not path.exists():
+        raise ImportError_(f"source {path} does not exist")
+    if not path.is_dir():
+        raise ImportError_(f"source {path} is neither a Hugging Face folder nor a .gguf file")
+    return import_hf_folder(path, output_dir, overwrite, torch_dtype, progress)
+
+
+def summary_line(summary: dict, output_dir) -> str:
+    return (
+        f"imported {summary['tensors']} tensors ({summary['chunks']} chunks), "
+        f"{summary['bytes'] / 1e6:.1f} MB in {summary['seconds']:.1f}s -> {output_dir}"
+    )

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from importlib.resources import files
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -9,7 +10,9 @@ from omegaconf import DictConfig
 
 from nemo_upcycle.config.schema import register_configs
 
-CONFIG_DIR = Path(os.environ.get("NEMO_UPCYCLE_CONFIGS", Path(__file__).resolve().parents[2] / "configs"))
+# The YAML groups ship inside the package (package data), so an installed wheel finds them
+# wherever it lives; NEMO_UPCYCLE_CONFIGS points every entry point at a copy of your own.
+CONFIG_DIR = Path(os.environ.get("NEMO_UPCYCLE_CONFIGS") or str(files("nemo_upcycle") / "configs"))
 CONFIG_NAME = "config"
 
 

@@ -15,7 +15,7 @@ from omegaconf import MISSING
 
 from nemo_upcycle.ablation.config import AblateConfig
 from nemo_upcycle.checkpoint.export_config import ExportConfig
-from nemo_upcycle.evaluate.config import EvalConfig
+from nemo_upcycle.evaluation.config import EvalConfig
 
 
 @dataclass
@@ -130,7 +130,7 @@ class TrainerConfig:
     precision: str = "auto"
     distributed_optimizer: bool = False
     peak_tflops: Optional[float] = None
-    # Guard rails (nemo_upcycle/nemo/guards.py): stop training, with the step and each MoE
+    # Guard rails (nemo_upcycle/training/guards.py): stop training, with the step and each MoE
     # layer's router statistics, when any layer drops more than this fraction of its tokens
     # or its busiest expert gets more than this multiple of its fair share (early warning
     # of router collapse). null = off. A non-finite loss always stops training.
@@ -150,9 +150,9 @@ class DataConfig:
 
 @dataclass
 class PlanConfig:
-    """What ``python -m nemo_upcycle.plan`` assumes about the hardware (see nemo_upcycle.planning)."""
+    """What ``python -m nemo_upcycle.plan`` assumes about the hardware (see nemo_upcycle.capacity)."""
 
-    # A name from nemo_upcycle.planning.budget.GPUS (h100, h200, a100, b200, ...).
+    # A name from nemo_upcycle.capacity.budget.GPUS (h100, h200, a100, b200, ...).
     gpu: str = "h100"
     # Dense bf16 peak per GPU in TFLOP/s; null = the gpu table's value.
     peak_tflops: Optional[float] = None
@@ -215,6 +215,18 @@ class UpcycleJobConfig:
     ablate: AblateConfig = field(default_factory=AblateConfig)
 
 
+@dataclass
+class ImportConfig:
+    """``import_dense``'s own configuration (configs/import_dense.yaml)."""
+
+    source: str = MISSING
+    output_dir: str = MISSING
+    overwrite: bool = False
+    dtype: Optional[str] = None
+    progress: bool = True
+    cache_dir: str = "${oc.env:NEMO_UPCYCLE_CACHE,${oc.env:HOME}/.cache/nemo_upcycle}"
+
+
 def register_configs() -> None:
     """Make the schemas available to Hydra as ``schema`` and ``<group>/schema``."""
     cs = ConfigStore.instance()
@@ -225,3 +237,4 @@ def register_configs() -> None:
     cs.store(group="parallel", name="schema", node=ParallelConfig)
     cs.store(group="trainer", name="schema", node=TrainerConfig)
     cs.store(group="data", name="schema", node=DataConfig)
+    cs.store(name="import_dense_schema", node=ImportConfig)

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from nemo_upcycle.errors import UserError
 from nemo_upcycle.config.moe_layers import MoELayerSpecError, moe_layer_indices
+from nemo_upcycle.errors import UserError
+from nemo_upcycle.upcycle.routers import ROUTER_TYPES
 
-ROUTER_TYPES = ("topk_softmax", "softmax_topk", "sinkhorn", "aux_free")
 LOAD_BALANCING = ("aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none")
 DROP_POLICIES = ("probs", "position")
 
@@ -232,7 +232,7 @@ def collect_problems(cfg: Any, world_size: Optional[int] = None) -> list[str]:
 
 
 def guard_problems(cfg: Any) -> list[str]:
-    """The optional router-collapse thresholds (nemo_upcycle/nemo/guards.py) must be able
+    """The optional router-collapse thresholds (nemo_upcycle/training/guards.py) must be able
     to fire at all, and must not fire on every step."""
     tr, moe = cfg.trainer, cfg.moe
     dropped, load = tr.guard_max_dropped_fraction, tr.guard_max_load_ratio

@@ -28,7 +28,7 @@ def _build_once(prefix: Path, build, timeout_s: float = 900.0) -> None:
 
 def resolve_data_paths(cfg: Any, tokenizer_path: Optional[Path]) -> list:
     """Blend list for NeMo's PreTrainingDataModule: [w1, prefix1, w2, prefix2, ...] or [prefix]."""
-    from nemo_upcycle.text import load_tokenizer
+    from nemo_upcycle.data.text import load_tokenizer
 
     data = cfg.data
     cache = Path(data.cache_dir or Path(cfg.cache_dir) / "data") / tokenizer_tag(tokenizer_path)
@@ -41,7 +41,7 @@ def resolve_data_paths(cfg: Any, tokenizer_path: Optional[Path]) -> list:
             jsonl_documents(jsonl), load_tokenizer(str(tokenizer_path)), prefix))
         return [str(prefix)]
     if data.paths == EMBEDDED_DATA:
-        from nemo_upcycle.assets import wikipedia_sample
+        from nemo_upcycle.data.assets import wikipedia_sample
         from nemo_upcycle.data.wikipedia import iter_articles
 
         if tokenizer_path is None:

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
-from nemo_upcycle.platform.ports import free_port  # noqa: F401  (tests import it from here)
+from nemo_upcycle.util.ports import free_port  # noqa: F401  (tests import it from here)
 
 
 class MultiRankError(AssertionError):

@@ -60,7 +60,7 @@ def patch_nemo_importer() -> None:
     from nemo.collections.llm.gpt.model.llama import HFLlamaImporter
     from nemo.lightning import io as nemo_io
 
-    from nemo_upcycle.nemo.cpu_compat import enable_nemo_cpu_support
+    from nemo_upcycle.training.cpu_compat import enable_nemo_cpu_support
 
     enable_nemo_cpu_support()  # 4: torch.cuda.synchronize & co. become no-ops without a GPU
 

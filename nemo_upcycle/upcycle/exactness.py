@@ -12,8 +12,7 @@ from typing import Any, Optional
 
 import torch
 
-from nemo_upcycle.modeling import fine_topk
-from nemo_upcycle.upcycle.scaling import scaling_mode
+from nemo_upcycle.upcycle.spec import UpcycleSpec
 
 # Absolute tolerance on logits for an exact configuration, by parameter dtype.
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1.5e-1}
@@ -21,8 +20,8 @@ TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1.5e-1}
 
 def inexact_reason(cfg: Any) -> Optional[str]:
     """Why the upcycled model is not expected to match the dense one, or None if it is."""
-    moe, router = cfg.moe, cfg.router
-    if moe.num_experts == 0:
+    moe, spec = cfg.moe, UpcycleSpec.of(cfg)
+    if not spec.is_moe:
         return None
     if moe.capacity_factor is not None:
         return f"moe.capacity_factor={moe.capacity_factor} drops tokens"
@@ -30,11 +29,11 @@ def inexact_reason(cfg: Any) -> Optional[str]:
         return f"moe.expert_noise_std={moe.expert_noise_std} perturbs the experts"
     if moe.drop_upcycling_ratio:
         return f"moe.drop_upcycling_ratio={moe.drop_upcycling_ratio} re-initialises channels"
-    if router.type in ("softmax_topk", "sinkhorn"):
-        return f"router.type={router.type}: the chosen weights do not sum to 1"
-    if router.type == "aux_free" and fine_topk(moe) == 1:
-        return "router.type=aux_free with top-1: the sigmoid weight is not 1"
-    mode = scaling_mode(cfg)
+    if not spec.router.weights_sum_to_one:
+        return f"router.type={spec.router.type}: the chosen weights do not sum to 1"
+    if not spec.router.exact_at_step0(spec.topk):
+        return f"router.type={spec.router.type} with top-1: the one chosen weight is not 1"
+    mode = spec.scaling_mode()
     if moe.granularity > 1 and mode != "fc2_granularity":
         return f"granular experts with moe.weight_scaling={moe.weight_scaling}"
     if moe.granularity == 1 and mode != "none":

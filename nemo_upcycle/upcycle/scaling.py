@@ -14,28 +14,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from nemo_upcycle.upcycle.spec import UpcycleSpec
+
 
 def scaling_mode(cfg: Any) -> str:
     """"none", "fc2_granularity" or "cube_root"."""
-    moe, router = cfg.moe, cfg.router
-    if moe.num_experts == 0 or moe.weight_scaling == "none":
-        return "none"
-    if moe.weight_scaling == "cube_root":
-        return "cube_root"
-    if router.type == "softmax_topk":
-        return "cube_root"
-    if moe.granularity > 1 and router.type in ("topk_softmax", "aux_free"):
-        return "fc2_granularity"
-    return "none"
+    return UpcycleSpec.of(cfg).scaling_mode()
 
 
 def scale_factors(cfg: Any) -> tuple[float, float]:
     """(factor for fc1, factor for fc2)."""
-    mode = scaling_mode(cfg)
-    moe = cfg.moe
-    if mode == "fc2_granularity":
-        return 1.0, float(moe.granularity)
-    if mode == "cube_root":
-        factor = (moe.num_experts * moe.granularity / moe.topk) ** (1.0 / 3.0)
-        return factor, factor
-    return 1.0, 1.0
+    return UpcycleSpec.of(cfg).scale_factors()

@@ -26,7 +26,7 @@ def _full_vocab_logits(logits: Optional[torch.Tensor]) -> Optional[torch.Tensor]
 
 def _input_tokens(vocab: int, tokenizer: Optional[str], batch: int, seq: int) -> torch.Tensor:
     if tokenizer:
-        from nemo_upcycle.text import heldout_batch
+        from nemo_upcycle.data.text import heldout_batch
 
         return heldout_batch(tokenizer, vocab, batch, seq)
     return _tokens(vocab, batch=batch, seq=seq, seed=3)
@@ -44,8 +44,8 @@ def megatron_vs_hf(overrides: list[str], path: str, hf_dir: str, tokenizer: Opti
                    batch: int = 2, seq: int = 64) -> dict:
     """Load the torch_dist checkpoint at this layout with megatron-core's own loader and
     compare its logits with transformers' on the HF folder (rank 0)."""
-    from nemo_upcycle.forward import run_schedule
-    from nemo_upcycle.modeling import build_model_chunks
+    from nemo_upcycle.model.forward import run_schedule
+    from nemo_upcycle.model.modeling import build_model_chunks
 
     torch.set_num_threads(1)
     cfg = _setup(overrides)
@@ -97,8 +97,8 @@ def upcycled_from_folder_vs_dense(overrides: list[str], hf_dir: str, dense_path:
     compare with the dense model loaded by megatron-core from a torch_dist checkpoint."""
     from nemo_upcycle.config.compose import compose_config
     from nemo_upcycle.checkpoint.dense_source import open_dense_source
-    from nemo_upcycle.forward import run_schedule
-    from nemo_upcycle.modeling import build_model_chunks
+    from nemo_upcycle.model.forward import run_schedule
+    from nemo_upcycle.model.modeling import build_model_chunks
     from nemo_upcycle.upcycle.engine import upcycle_from_dense
 
     cfg = _setup(overrides + [f"model.dense_checkpoint={hf_dir}"])

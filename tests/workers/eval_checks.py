@@ -15,7 +15,7 @@ def make_tiny_hf_and_import(hf_dir: str, torch_dist_dir: str, seed: int = 0) -> 
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from nemo_upcycle.import_dense import run_import
+    from nemo_upcycle.checkpoint.importer import run_import
 
     torch.manual_seed(seed)
     config = LlamaConfig(
@@ -49,7 +49,7 @@ def evaluate(overrides: list[str]) -> dict:
     import torch.distributed as dist
 
     from nemo_upcycle.config.compose import compose_config
-    from nemo_upcycle.evaluate.runner import evaluate_model
+    from nemo_upcycle.evaluation.runner import evaluate_model
 
     cfg = compose_config(overrides)
     result = _summary(evaluate_model(cfg))
@@ -67,8 +67,8 @@ def save_upcycled_nemo_layout(overrides: list[str], out_dir: str) -> dict:
 
     from nemo_upcycle.config.compose import compose_config
     from nemo_upcycle.checkpoint.dense_source import open_dense_source
-    from nemo_upcycle.evaluate.backends import chunks_sharded_state, prefix_sharded_keys
-    from nemo_upcycle.modeling import build_model_chunks
+    from nemo_upcycle.evaluation.backends import chunks_sharded_state, prefix_sharded_keys
+    from nemo_upcycle.model.modeling import build_model_chunks
     from nemo_upcycle.platform.distributed import setup_parallel
     from nemo_upcycle.upcycle.engine import upcycle_from_dense
 

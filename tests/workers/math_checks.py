@@ -12,7 +12,7 @@ from tests.workers.upcycle_checks import _setup
 def _upcycled(overrides: list[str], path: str):
     from omegaconf import OmegaConf
 
-    from nemo_upcycle.modeling import build_model_chunks
+    from nemo_upcycle.model.modeling import build_model_chunks
     from nemo_upcycle.upcycle.engine import upcycle_from_dense
     from nemo_upcycle.upcycle.sources import TorchDistCheckpoint
 

@@ -30,7 +30,7 @@ def save_moe_from_dense(overrides: list[str], dense_path: str, moe_path: str) ->
     """Upcycle with expert noise (so experts differ and routing matters) and save the MoE."""
     from megatron.core import dist_checkpointing
 
-    from nemo_upcycle.modeling import build_model_chunks
+    from nemo_upcycle.model.modeling import build_model_chunks
     from nemo_upcycle.upcycle.engine import upcycle_from_dense
     from nemo_upcycle.upcycle.sources import TorchDistCheckpoint
 
@@ -44,8 +44,8 @@ def save_moe_from_dense(overrides: list[str], dense_path: str, moe_path: str) ->
 
 def loss_and_grads(overrides: list[str], path: str, save_to: str | None = None) -> dict:
     """Load ``path`` at this layout, run forward+backward over 2 micro-batches, report."""
-    from nemo_upcycle.forward import run_schedule
-    from nemo_upcycle.modeling import build_model_chunks
+    from nemo_upcycle.model.forward import run_schedule
+    from nemo_upcycle.model.modeling import build_model_chunks
 
     cfg = _setup(overrides)
     chunks = build_model_chunks(cfg)

@@ -55,7 +55,7 @@ def _dense_shapes(overrides: list[str]) -> dict:
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
 
-    from nemo_upcycle.modeling import build_model_chunks
+    from nemo_upcycle.model.modeling import build_model_chunks
 
     dense_cfg = _compose(overrides + ["moe=dense", "parallel.ep=1", "parallel.etp=null"])
     shapes = {}
@@ -71,7 +71,7 @@ def _dense_shapes(overrides: list[str]) -> dict:
 
 def layout_counts(layouts: list[list[str]]) -> list[dict]:
     """For each layout: this rank's parameter counts and elements the upcycle plan reads."""
-    from nemo_upcycle.modeling import build_model_chunks
+    from nemo_upcycle.model.modeling import build_model_chunks
     from nemo_upcycle.upcycle.plan import build_plan
 
     results = []
@@ -89,7 +89,7 @@ def layout_counts(layouts: list[list[str]]) -> list[dict]:
 
 def meta_counts(overrides: list[str]) -> dict:
     """Parameter counts of a (large) model built on the meta device: shapes, no memory."""
-    from nemo_upcycle.modeling import build_model_chunks
+    from nemo_upcycle.model.modeling import build_model_chunks
 
     cfg = _compose(overrides)
     _init(cfg)
@@ -121,7 +121,7 @@ def _inner_optimizers(optimizer):
 
 
 def _train_step(ddp_chunks, optimizer, vocab: int, seq: int, micro: int):
-    from nemo_upcycle.forward import _causal_mask, _position_ids
+    from nemo_upcycle.model.forward import _causal_mask, _position_ids
 
     g = torch.Generator().manual_seed(dist.get_rank())
     tokens = torch.randint(0, vocab, (micro, seq), generator=g)
@@ -140,7 +140,7 @@ def model_state_memory(overrides: list[str], distributed: bool, bf16: bool, seq:
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    from nemo_upcycle.modeling import build_model_chunks, build_transformer_config
+    from nemo_upcycle.model.modeling import build_model_chunks, build_transformer_config
 
     cfg = _compose(overrides)
     _init(cfg)
@@ -200,8 +200,8 @@ def _count_saved(params: set, into: dict):
 
 def saved_activations(overrides: list[str], micro: int, seq: int) -> dict:
     """Bytes autograd saves during one forward pass (with the loss) of this rank's model (pp=1)."""
-    from nemo_upcycle.forward import _causal_mask, _position_ids
-    from nemo_upcycle.modeling import build_model_chunks
+    from nemo_upcycle.model.forward import _causal_mask, _position_ids
+    from nemo_upcycle.model.modeling import build_model_chunks
 
     cfg = _compose(overrides)
     _init(cfg)

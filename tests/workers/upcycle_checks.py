@@ -24,7 +24,7 @@ def save_dense(overrides: list[str], path: str, init_std: float = 0.08) -> dict:
     """Build a randomly initialised dense model at this layout and save it (torch_dist)."""
     from megatron.core import dist_checkpointing
 
-    from nemo_upcycle.modeling import build_model_chunks, build_transformer_config
+    from nemo_upcycle.model.modeling import build_model_chunks, build_transformer_config
 
     cfg = _setup(overrides + ["moe=dense"])
     chunks = build_model_chunks(cfg, build_transformer_config(cfg, init_method_std=init_std))
@@ -50,8 +50,8 @@ def dense_vs_upcycled(overrides: list[str], path: str, seq: int = 32) -> dict:
     """Logits of the dense model (megatron's own loader) vs the upcycled MoE, same tokens."""
     from megatron.core import dist_checkpointing
 
-    from nemo_upcycle.forward import run_schedule
-    from nemo_upcycle.modeling import build_model_chunks
+    from nemo_upcycle.model.forward import run_schedule
+    from nemo_upcycle.model.modeling import build_model_chunks
     from nemo_upcycle.upcycle.engine import upcycle_from_dense
     from nemo_upcycle.upcycle.sources import TorchDistCheckpoint
 
@@ -105,7 +105,7 @@ def upcycle_traffic(overrides: list[str], path: str) -> dict:
     """Upcycle at this layout while counting collectives and what was read from disk."""
     import torch.distributed.distributed_c10d as c10d
 
-    from nemo_upcycle.modeling import build_model_chunks
+    from nemo_upcycle.model.modeling import build_model_chunks
     from nemo_upcycle.upcycle.engine import upcycle_from_dense
     from nemo_upcycle.upcycle.sources import TorchDistCheckpoint
 

@@ -10,10 +10,10 @@ import json
 from typing import Any
 
 from nemo_upcycle.config.validate import ConfigError, validate
-from nemo_upcycle.planning.budget import compute_budget, gpu_for
-from nemo_upcycle.planning.flops import flops_per_token
-from nemo_upcycle.planning.layout import layout_of, resolve_world_size
-from nemo_upcycle.planning.memory import (
+from nemo_upcycle.capacity.budget import compute_budget, gpu_for
+from nemo_upcycle.capacity.flops import flops_per_token
+from nemo_upcycle.capacity.layout import layout_of, resolve_world_size
+from nemo_upcycle.capacity.memory import (
     GiB,
     RECOMPUTE,
     model_state_bytes,
@@ -21,8 +21,8 @@ from nemo_upcycle.planning.memory import (
     precision_for,
     rank_activation_bytes,
 )
-from nemo_upcycle.planning.params import all_rank_params, model_params
-from nemo_upcycle.planning.reads import DTYPE_BYTES, checkpoint_bytes_per_element, elements_read
+from nemo_upcycle.capacity.params import all_rank_params, model_params
+from nemo_upcycle.capacity.reads import DTYPE_BYTES, checkpoint_bytes_per_element, elements_read
 
 FORMATS = ("table", "json")
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from nemo_upcycle.planning.layout import is_moe, moe_layer_flags, stage_layers
+from nemo_upcycle.capacity.layout import is_moe, moe_layer_flags, stage_layers
 
 
 def head_dim(model: Any) -> int:

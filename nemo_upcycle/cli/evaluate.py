@@ -1,4 +1,4 @@
-"""python -m nemo_upcycle.evaluate model=... moe=... [eval.checkpoint=DIR | eval.hf_model=DIR] eval.mmlu.*=... eval.ppl.*=...
+"""nemo-upcycle evaluate model=... moe=... [eval.checkpoint=DIR | eval.hf_model=DIR] eval.mmlu.*=... eval.ppl.*=...
 
 MMLU (per subject and overall) and held-out perplexity of a model:
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from nemo_upcycle.cli import CONFIG_DIR, is_rank0, launch_world_size, print_rank0, validated
+from nemo_upcycle.cli.common import CONFIG_DIR, is_rank0, launch_world_size, print_rank0, validated
 from nemo_upcycle.config.schema import register_configs
 
 register_configs()
@@ -25,7 +25,8 @@ register_configs()
 def main(cfg: DictConfig) -> None:
     from pathlib import Path
 
-    from nemo_upcycle.evaluate.runner import evaluate_model, print_report, summary_line, write_json_atomic
+    from nemo_upcycle.evaluation.runner import evaluate_model, print_report, summary_line
+    from nemo_upcycle.util.atomic import write_json_atomic
 
     with validated(cfg, launch_world_size()):
         if cfg.eval.mmlu.scoring not in ("loglik", "letter"):

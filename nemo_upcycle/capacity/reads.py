@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from nemo_upcycle.planning.layout import Layout, moe_layer_flags
-from nemo_upcycle.planning.params import (
+from nemo_upcycle.capacity.layout import Layout, moe_layer_flags
+from nemo_upcycle.capacity.params import (
     attention_params,
     dense_ffn_params,
     edge_params,

@@ -1,6 +1,6 @@
 """The two back ends of the evaluation: megatron-core chunks at any layout, and transformers.
 
-Both implement :class:`nemo_upcycle.evaluate.scoring.Backend`.
+Both implement :class:`nemo_upcycle.evaluation.scoring.Backend`.
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from nemo_upcycle.evaluate.scoring import pad_right, pick_logprobs
+from nemo_upcycle.evaluation.scoring import pad_right, pick_logprobs
 from nemo_upcycle.upcycle.errors import UpcycleError
 
 
@@ -39,7 +39,7 @@ class MegatronBackend:
             chunk.eval()
 
     def _logits(self, tokens: torch.Tensor) -> Optional[torch.Tensor]:
-        from nemo_upcycle.forward import run_schedule
+        from nemo_upcycle.model.forward import run_schedule
 
         micro = 1 if self.pp > 1 else tokens.shape[0]
         with torch.no_grad():

@@ -1,4 +1,11 @@
-"""Shared plumbing of the Hydra entry points: config location, validation, clean failure."""
+"""What every entry point shares: the config folder, rank-0 printing and the one exit convention.
+
+A :class:`~nemo_upcycle.errors.UserError` anywhere ends the command with its message and
+exit status 2, no traceback (:func:`user_errors`); anything else is a bug and keeps its
+traceback. Exits go through :func:`fail` (``os._exit``): the other ranks may sit inside a
+collective, and an orderly shutdown would wait for them; torchrun stops them once this
+rank is gone.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -7,7 +14,6 @@ import sys
 from typing import Iterator
 
 from nemo_upcycle.config.compose import CONFIG_DIR  # noqa: F401  (re-exported for hydra.main)
-from nemo_upcycle.config.validate import ConfigError, validate
 from nemo_upcycle.errors import UserError
 from nemo_upcycle.platform.launcher_env import read_launch_env
 
@@ -26,10 +32,23 @@ def print_rank0(message: str) -> None:
 
 
 def fail(code: int) -> None:
-    """Exit without waiting on other ranks (they fail the same way, or torchrun stops them)."""
+    """Exit now, without waiting on other ranks (they fail the same way, or torchrun stops them)."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+@contextlib.contextmanager
+def user_errors(every_rank: bool = False) -> Iterator[None]:
+    """A user error is one clear message (from rank 0, or from every rank) and exit status 2."""
+    from nemo_upcycle.config.validate import ConfigError
+
+    try:
+        yield
+    except UserError as err:
+        if every_rank or is_rank0() or isinstance(err, ConfigError):
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        fail(err.exit_code)
 
 
 def resolve_dense_model(cfg) -> None:
@@ -47,12 +66,10 @@ def resolve_dense_model(cfg) -> None:
 
 @contextlib.contextmanager
 def validated(cfg, world_size: int) -> Iterator[None]:
-    """Read the dense model's architecture, validate ``cfg``; a user error is one clear message, exit 2."""
-    try:
+    """Read the dense model's architecture and validate ``cfg`` before the body runs."""
+    from nemo_upcycle.config.validate import validate
+
+    with user_errors():
         resolve_dense_model(cfg)
         validate(cfg, world_size)
         yield
-    except UserError as err:
-        if is_rank0() or isinstance(err, ConfigError):
-            print(f"error: {err}", file=sys.stderr, flush=True)
-        fail(2)

@@ -11,7 +11,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Optional
 
-from nemo_upcycle.cli import is_rank0, print_rank0
+from nemo_upcycle.cli.common import is_rank0, print_rank0
 
 
 def evaluate_trained_model(cfg: Any, lightning_module, tokenizer_path: Optional[Path], loggers: list, step: int) -> dict:
@@ -19,10 +19,11 @@ def evaluate_trained_model(cfg: Any, lightning_module, tokenizer_path: Optional[
     ``eval/mmlu_acc`` and ``eval/ppl`` to the trainer's loggers (TensorBoard) at ``step``."""
     from omegaconf import OmegaConf
 
-    from nemo_upcycle.evaluate.backends import MegatronBackend
-    from nemo_upcycle.evaluate.runner import evaluate_backend, print_report, summary_line, write_json_atomic
-    from nemo_upcycle.nemo.callbacks import mcore_chunks
-    from nemo_upcycle.text import encode
+    from nemo_upcycle.evaluation.backends import MegatronBackend
+    from nemo_upcycle.evaluation.runner import evaluate_backend, print_report, summary_line
+    from nemo_upcycle.util.atomic import write_json_atomic
+    from nemo_upcycle.training.callbacks import mcore_chunks
+    from nemo_upcycle.data.text import encode
 
     # NeMo sizes the model for trainer.seq_length; rotary positions are computed per call, so
     # evaluation may use the dense model's full context like the standalone evaluator does.

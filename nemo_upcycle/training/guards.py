@@ -94,7 +94,7 @@ class TrainingGuards(pl.Callback):
 
     # -- non-finite loss -------------------------------------------------------------------
     def on_train_start(self, trainer, pl_module):
-        from nemo_upcycle.nemo.callbacks import mcore_chunks
+        from nemo_upcycle.training.callbacks import mcore_chunks
 
         for chunk in mcore_chunks(pl_module):
             self._handles.append(chunk.register_forward_hook(self._finite_output_hook(trainer)))

@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from nemo_upcycle.assets import heldout_news_text
+from nemo_upcycle.data.assets import heldout_news_text
 
 
 @lru_cache(maxsize=4)

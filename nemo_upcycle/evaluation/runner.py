@@ -6,7 +6,6 @@ call; ``evaluate_backend(backend, encode, eval_cfg)`` scores a model already in 
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -15,12 +14,12 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from nemo_upcycle.evaluate.scoring import Backend, Progress, perplexity, scorer_for
+from nemo_upcycle.evaluation.scoring import Backend, Progress, perplexity, scorer_for
 
 
 def heldout_tokens(encode: Callable[[str], list[int]]) -> list[int]:
     """gensim's lee_background.cor with runs of whitespace collapsed, as token ids."""
-    from nemo_upcycle.assets import heldout_news_text
+    from nemo_upcycle.data.assets import heldout_news_text
 
     text = re.sub(r"\s+", " ", heldout_news_text().read_text(encoding="utf-8", errors="replace")).strip()
     return encode(text)
@@ -32,7 +31,7 @@ def evaluate_backend(backend: Backend, encode: Callable[[str], list[int]], eval_
     Returns ``{"mmlu_acc", "n", "ppl", "mmlu": {...per subject...}, "ppl_detail": {...}, "seconds": {...}}``;
     every rank gets the same dict.
     """
-    from nemo_upcycle.evaluate.mmlu import evaluate_mmlu
+    from nemo_upcycle.evaluation.mmlu import evaluate_mmlu
 
     m, p = eval_cfg.mmlu, eval_cfg.ppl
     result: dict = {"mmlu_acc": float("nan"), "n": 0, "ppl": float("nan"), "mmlu": None,
@@ -74,20 +73,20 @@ def build_backend(cfg: Any) -> tuple[Backend, dict]:
     the process group).
     """
     if cfg.eval.hf_model:
-        from nemo_upcycle.evaluate.backends import HFBackend
+        from nemo_upcycle.evaluation.backends import HFBackend
 
         backend = HFBackend(cfg.eval.hf_model)
         return backend, {"backend": "transformers", "hf_model": str(cfg.eval.hf_model)}
 
-    from nemo_upcycle.evaluate.backends import MegatronBackend, load_checkpoint
-    from nemo_upcycle.modeling import build_model_chunks
+    from nemo_upcycle.evaluation.backends import MegatronBackend, load_checkpoint
+    from nemo_upcycle.model.modeling import build_model_chunks
     from nemo_upcycle.platform.distributed import setup_parallel
 
     from nemo_upcycle.platform.launcher_env import read_launch_env
 
     if read_launch_env().launcher == "single" and "MASTER_PORT" not in os.environ:
         # A single process needs no fixed port; a fixed one collides with other runs.
-        from nemo_upcycle.platform.ports import free_port
+        from nemo_upcycle.util.ports import free_port
 
         os.environ["MASTER_PORT"] = str(free_port())
     par = cfg.parallel
@@ -112,7 +111,7 @@ def build_backend(cfg: Any) -> tuple[Backend, dict]:
 
 
 def evaluate_model(cfg: Any, verbose: bool = False) -> dict:
-    """Evaluate the model ``cfg`` describes (see :class:`nemo_upcycle.evaluate.config.EvalConfig`).
+    """Evaluate the model ``cfg`` describes (see :class:`nemo_upcycle.evaluation.config.EvalConfig`).
 
     Under torchrun every rank must call it; every rank returns the same dict:
     ``mmlu_acc`` (overall accuracy), ``n`` (questions), ``ppl``, ``mmlu`` (with per-subject
@@ -120,7 +119,7 @@ def evaluate_model(cfg: Any, verbose: bool = False) -> dict:
     """
     from omegaconf import OmegaConf
 
-    from nemo_upcycle.text import encode
+    from nemo_upcycle.data.text import encode
 
     backend, described = build_backend(cfg)
     tokenizer = tokenizer_for(cfg)
@@ -163,17 +162,3 @@ def print_report(result: dict, console=None) -> None:
                       f"{detail['tokens_scored']} tokens in {detail['windows']} windows of {detail['seq_length']}")
     if result.get("seconds"):
         console.print("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in result["seconds"].items()))
-
-
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write under a temporary name, then rename: readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
-
-
-def write_json_atomic(path: str | Path, data: Any) -> Path:
-    return write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")

@@ -12,9 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from nemo_upcycle.checkpoint.architecture import effective_head_dim
-from nemo_upcycle.config.moe_layers import moe_layer_pattern
 from nemo_upcycle.platform.cpu import gpu_available
-from nemo_upcycle.rope_scaling import apply_rope_scaling
+from nemo_upcycle.model.rope_scaling import apply_rope_scaling
+from nemo_upcycle.upcycle.routers import router_row
+from nemo_upcycle.upcycle.spec import UpcycleSpec
 
 
 def transformer_engine_available() -> bool:
@@ -33,42 +34,12 @@ def default_params_dtype() -> torch.dtype:
 
 
 def router_settings(router: Any) -> dict:
-    """megatron-core router keywords for each ``router.type``."""
-    common = dict(
-        moe_router_load_balancing_type=router.load_balancing,
-        moe_aux_loss_coeff=router.aux_loss_coeff,
-        moe_z_loss_coeff=router.z_loss_coeff,
-        moe_router_dtype=router.dtype,
-    )
-    if router.type == "topk_softmax":
-        return dict(common, moe_router_pre_softmax=False)
-    if router.type == "softmax_topk":
-        return dict(common, moe_router_pre_softmax=True)
-    if router.type == "sinkhorn":
-        return dict(common, moe_router_pre_softmax=False)
-    if router.type == "aux_free":
-        # DeepSeek-V3 style: sigmoid scores, top-k normalised, a bias updated from the load.
-        return dict(
-            common,
-            moe_router_score_function="sigmoid",
-            moe_router_enable_expert_bias=True,
-            moe_router_bias_update_rate=1e-3,
-        )
-    raise ValueError(f"unknown router.type {router.type!r}")
+    """megatron-core router keywords for ``router.type`` (its row of the router table)."""
+    return router_row(router.type).megatron_settings(router)
 
 
 def is_moe(cfg: Any) -> bool:
     return cfg.moe.num_experts > 0
-
-
-def num_fine_experts(moe: Any) -> int:
-    """Experts per MoE layer as megatron-core sees them: E x G."""
-    return moe.num_experts * moe.granularity
-
-
-def fine_topk(moe: Any) -> int:
-    """megatron-core's top-k: T x G, so that top-k can pick whole virtual groups."""
-    return moe.topk * moe.granularity
 
 
 def transformer_config_kwargs(
@@ -116,11 +87,12 @@ def transformer_config_kwargs(
         init_method_std=0.02,
     )
     if is_moe(cfg):
+        spec = UpcycleSpec.of(cfg)
         kwargs.update(
-            num_moe_experts=num_fine_experts(moe),
-            moe_router_topk=fine_topk(moe),
-            moe_ffn_hidden_size=model.ffn_hidden_size // moe.granularity,
-            moe_layer_freq=moe_layer_pattern(moe.layers, model.num_layers),
+            num_moe_experts=spec.num_experts,
+            moe_router_topk=spec.topk,
+            moe_ffn_hidden_size=spec.expert_ffn_hidden_size,
+            moe_layer_freq=spec.layer_pattern(),
             expert_model_parallel_size=par.ep,
             expert_tensor_parallel_size=par.tp if par.etp is None else par.etp,
             moe_token_dispatcher_type=moe.token_dispatcher,

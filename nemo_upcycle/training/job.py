@@ -178,11 +178,11 @@ def run_training(cfg: Any) -> dict:
     from nemo_upcycle.checkpoint.dense_source import open_dense_source, tokenizer_folder
     from nemo_upcycle.checkpoint.tokenizer_files import tokenizer_only_folder
     from nemo_upcycle.data.prepare import resolve_data_paths
-    from nemo_upcycle.nemo.callbacks import UpcycleMetrics
-    from nemo_upcycle.nemo.guards import TrainingGuards
-    from nemo_upcycle.nemo.cpu_compat import enable_nemo_cpu_support
-    from nemo_upcycle.nemo.model_config import make_gpt_config
-    from nemo_upcycle.planning.flops import flops_per_token
+    from nemo_upcycle.training.callbacks import UpcycleMetrics
+    from nemo_upcycle.training.guards import TrainingGuards
+    from nemo_upcycle.training.cpu_compat import enable_nemo_cpu_support
+    from nemo_upcycle.training.model_config import make_gpt_config
+    from nemo_upcycle.capacity.flops import flops_per_token
 
     enable_nemo_cpu_support()
     resume_from = resumable_checkpoint(cfg)
@@ -207,7 +207,7 @@ def run_training(cfg: Any) -> dict:
     llm.train(model=model, data=data, trainer=trainer, log=logger, resume=resume, tokenizer=None)
     summary = {"resumed_from": str(resume_from) if resume_from else None, "upcycled": upcycle_from is not None}
     if cfg.eval.after_training:
-        from nemo_upcycle.evaluate.after_training import evaluate_trained_model
+        from nemo_upcycle.evaluation.after_training import evaluate_trained_model
 
         result = evaluate_trained_model(cfg, model, tokenizer_path, trainer.loggers, trainer.global_step)
         summary.update(mmlu_acc=result["mmlu_acc"], ppl=result["ppl"])

@@ -25,8 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from nemo_upcycle.planning.layout import Layout, moe_layer_flags, stage_layers
-from nemo_upcycle.planning.params import RankParams, fine_experts, head_dim
+from nemo_upcycle.capacity.layout import Layout, moe_layer_flags, stage_layers
+from nemo_upcycle.capacity.params import RankParams, fine_experts, head_dim
 
 ADAM_MOMENT_BYTES = 8  # exp_avg + exp_avg_sq, fp32
 MASTER_BYTES = 4  # fp32 copy of 16-bit weights

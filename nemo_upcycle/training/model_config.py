@@ -1,7 +1,7 @@
 """NeMo 2 model configuration whose ``configure_model`` runs our model provider.
 
 ``UpcycleGPTConfig`` is NeMo's ``GPTConfig`` (a megatron TransformerConfig) with the same
-fields :func:`nemo_upcycle.modeling.transformer_config_kwargs` gives megatron-core
+fields :func:`nemo_upcycle.model.modeling.transformer_config_kwargs` gives megatron-core
 directly, plus two of its own: the job configuration (plain data, so NeMo can serialise it
 into the checkpoint's context) and the dense checkpoint to upcycle from (None on resume).
 """
@@ -13,8 +13,8 @@ from typing import Any, Optional
 from nemo.collections.llm.gpt.model.base import GPTConfig
 from omegaconf import OmegaConf
 
-from nemo_upcycle.modeling import layer_spec, transformer_config_kwargs
-from nemo_upcycle.rope_scaling import apply_rope_scaling
+from nemo_upcycle.model.modeling import layer_spec, transformer_config_kwargs
+from nemo_upcycle.model.rope_scaling import apply_rope_scaling
 
 
 def upcycle_layer_spec(config: "UpcycleGPTConfig", vp_stage: Optional[int] = None):
@@ -28,7 +28,7 @@ class UpcycleGPTConfig(GPTConfig):
     upcycle_from: Optional[str] = None
 
     def configure_model(self, tokenizer, pre_process=None, post_process=None, vp_stage=None):
-        from nemo_upcycle.provider import upcycle_chunk
+        from nemo_upcycle.training.provider import upcycle_chunk
 
         model = super().configure_model(tokenizer, pre_process, post_process, vp_stage)
         job = OmegaConf.create(self.job)

@@ -62,9 +62,9 @@ def checkpoint_weight_bytes(cfg: Any) -> int:
     replicas), in the training dtype, plus 8 bytes of Adam moments and, for 16-bit weights,
     a 4-byte fp32 master copy: 12 bytes per parameter on CPU (fp32), 14 with bf16.
     """
-    from nemo_upcycle.nemo.job import _bf16
-    from nemo_upcycle.planning.memory import Precision
-    from nemo_upcycle.planning.params import model_params
+    from nemo_upcycle.training.job import _bf16
+    from nemo_upcycle.capacity.memory import Precision
+    from nemo_upcycle.capacity.params import model_params
 
     precision = Precision(param_bytes=2 if _bf16(cfg) else 4)
     return model_params(cfg).total * (precision.param_bytes + precision.optimizer_bytes)
@@ -103,7 +103,7 @@ def checkpoints_on_disk_at_peak(trainer: Any) -> int:
 
 
 def check_disk_space(cfg: Any) -> None:
-    from nemo_upcycle.nemo.job import checkpoint_dir
+    from nemo_upcycle.training.job import checkpoint_dir
 
     copies = checkpoints_on_disk_at_peak(cfg.trainer)
     if copies == 0:
@@ -131,7 +131,7 @@ def _gb(n: int) -> str:
 
 
 def _params(cfg: Any) -> str:
-    from nemo_upcycle.planning.params import model_params
+    from nemo_upcycle.capacity.params import model_params
 
     return f"{model_params(cfg).total:,}"
 

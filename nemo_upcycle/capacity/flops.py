@@ -19,8 +19,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from nemo_upcycle.planning.layout import moe_layer_flags
-from nemo_upcycle.planning.params import head_dim
+from nemo_upcycle.capacity.layout import moe_layer_flags
+from nemo_upcycle.capacity.params import head_dim
 
 
 @dataclass

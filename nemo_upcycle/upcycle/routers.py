@@ -1,0 +1,75 @@
+"""Every router type the project trains, one row each: adding a router is adding a row.
+
+A row holds what the rest of the code asks about a router: the megatron-core settings that
+select it, whether its chosen weights sum to one (which makes upcycling exact at step 0
+with identical experts), how expert weights are scaled to keep the FFN's output, the
+load-balancing setting it requires, and the Hugging Face architecture that computes it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+@dataclass(frozen=True)
+class RouterRow:
+    type: str
+    # megatron-core TransformerConfig keywords beyond the common ones (load balancing, losses, dtype).
+    megatron: dict = field(default_factory=dict)
+    # The chosen weights of one token sum to exactly one (for top-1 too, unless noted below).
+    weights_sum_to_one: bool = True
+    # ... except with a single chosen expert (a sigmoid score is not 1).
+    top1_weight_is_one: bool = True
+    # Expert scaling "auto" picks: "cube_root" (outputs shrink by about T/E), "fc2_granularity"
+    # when G > 1 (a group's G slices share its weight), or "none".
+    auto_scaling: str = "none"
+    # router.load_balancing this router requires (None: any of the losses) and what it forbids.
+    required_load_balancing: Optional[str] = None
+    # The Hugging Face architecture that computes exactly this routing; None with the reason.
+    export_target: Optional[str] = None
+    export_refusal: str = ""
+
+    def megatron_settings(self, router: Any) -> dict:
+        return dict(
+            moe_router_load_balancing_type=router.load_balancing,
+            moe_aux_loss_coeff=router.aux_loss_coeff,
+            moe_z_loss_coeff=router.z_loss_coeff,
+            moe_router_dtype=router.dtype,
+            **self.megatron,
+        )
+
+    def exact_at_step0(self, fine_topk: int) -> bool:
+        """Identical experts reproduce the dense FFN exactly under this routing."""
+        return self.weights_sum_to_one and (fine_topk > 1 or self.top1_weight_is_one)
+
+
+ROUTERS: dict[str, RouterRow] = {
+    row.type: row
+    for row in (
+        # Mixtral's order: top-k of the logits, then softmax over the k chosen (the paper's).
+        RouterRow("topk_softmax", dict(moe_router_pre_softmax=False), auto_scaling="fc2_granularity",
+                  export_target="mixtral"),
+        # Softmax over all experts, then top-k: the k weights sum to about k/E at step 0.
+        RouterRow("softmax_topk", dict(moe_router_pre_softmax=True), weights_sum_to_one=False,
+                  auto_scaling="cube_root",
+                  export_refusal="Mixtral applies the softmax after the top-k, not before"),
+        # Sinkhorn balancing: megatron-core routes by the balanced scores during training only.
+        RouterRow("sinkhorn", dict(moe_router_pre_softmax=False), weights_sum_to_one=False,
+                  required_load_balancing="sinkhorn",
+                  export_refusal="megatron-core routes with Sinkhorn-balanced scores in training, "
+                                 "which no Hugging Face MoE computes"),
+        # DeepSeek-V3's auxiliary-loss-free balancing: sigmoid scores, a bias updated from the load.
+        RouterRow("aux_free", dict(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+                                   moe_router_bias_update_rate=1e-3),
+                  top1_weight_is_one=False, auto_scaling="fc2_granularity", required_load_balancing="none",
+                  export_refusal="sigmoid scores with a per-expert bias have no Mixtral equivalent"),
+    )
+}
+ROUTER_TYPES = tuple(ROUTERS)
+
+
+def router_row(router_type: str) -> RouterRow:
+    try:
+        return ROUTERS[router_type]
+    except KeyError:
+        raise ValueError(f"unknown router.type {router_type!r}: one of {', '.join(ROUTER_TYPES)}") from None
