@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import time
 from pathlib import Path
 
@@ -47,9 +46,9 @@ def mmlu_reference(model, tokenizer, num_questions, seed, shots, scoring):
 
 
 def ppl_reference(model, tokenizer, seq_length, max_tokens):
-    from nemo_upcycle.data.assets import heldout_news_text
+    from nemo_upcycle.data.text import heldout_text
 
-    text = re.sub(r"\s+", " ", heldout_news_text().read_text(encoding="utf-8", errors="replace")).strip()
+    text = heldout_text()  # the same text; the scoring below is transformers' own
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     windows = min(max_tokens, len(ids)) // seq_length
     nll = 0.0

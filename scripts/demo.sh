@@ -2,6 +2,8 @@
 # The main job on the embedded default: SmolLM2-135M -> E8T2 (top-k then softmax, dropless)
 # on 2 CPU ranks with EP=2, a short training run on real Wikipedia text, then held-out
 # perplexity before (dense) and after (the trained MoE). Extra arguments are Hydra overrides.
+# Training prints its own progress lines once (rank 0); NeMo's, megatron's and Lightning's logs
+# of each rank go to $LOG_DIR/logs/rank<k>.log (add verbose=true to see them on the console).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore
@@ -26,6 +28,7 @@ echo
 echo "checkpoint:        $LAST"
 echo "metrics:           $LOG_DIR/metrics.jsonl (TensorBoard: tensorboard --logdir $LOG_DIR/tensorboard)"
 echo "expert load plot:  $(ls "$LOG_DIR"/expert_load_layer*.png)"
+echo "training logs:     $LOG_DIR/logs/rank*.log (NeMo, megatron, Lightning; verbose=true prints them)"
 $PY - "$LOG_DIR" <<'PYEOF'
 import json, sys
 from pathlib import Path

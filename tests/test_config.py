@@ -88,6 +88,8 @@ def _problems(*overrides, world_size=None):
     (["trainer.guard_max_load_ratio=4"], None, "below moe.num_experts/moe.topk = 4"),
     (["trainer.guard_max_load_ratio=0.5"], None, "must be >= 1 (1 = perfectly balanced)"),
     (["moe=dense", "trainer.guard_max_load_ratio=2"], None, "moe=dense has none"),
+    # evaluation settings fail with the rest, before any weight is read
+    (["eval.mmlu.scoring=cloze"], None, "eval.mmlu.scoring=cloze must be loglik or letter"),
 ])
 def test_contradictions_are_named(overrides, world, needle):
     problems = _problems(*overrides, world_size=world)

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from nemo_upcycle.evaluate import mmlu
+from nemo_upcycle.evaluation import mmlu
 from nemo_upcycle.evaluation.scoring import perplexity, pick_logprobs, score_continuations
 from nemo_upcycle.testing.multirank import run_on_ranks
 from tests.conftest import REPO

@@ -25,7 +25,7 @@ from nemo_upcycle.testing.multirank import run_on_ranks
 WORKER = "tests.workers.planning_checks"
 TINY = ["model=tiny_llama", "model.dense_checkpoint=unused"]
 LLAMA_E8T2 = ["model=llama3_8b", "moe=e8t2", "model.dense_checkpoint=x"]
-PAPER = LLAMA_E8T2 + ["parallel=paper_512gpu", "world_size=512", "train.tokens=1e11",
+PAPER = LLAMA_E8T2 + ["parallel=paper_512gpu", "world_size=512", "plan.train_tokens=1e11",
                       "plan.gpu=h100", "trainer=paper"]
 
 # 4 ranks: every one divides evenly and exercises a different sharding rule.

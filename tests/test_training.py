@@ -43,7 +43,8 @@ def test_ep2_training_straight_from_a_hf_folder_logs_everything_and_resumes(tiny
               "trainer.val_check_interval=4", "trainer.limit_val_batches=1", "trainer.checkpoint_every_n_steps=4"]
     overrides = ["model=auto", f"model.dense_checkpoint={tiny_hf_smollm_vocab}", "parallel.ep=2", *common]
     out = _ok(run_training(2, overrides + ["trainer.max_steps=12"]))
-    assert "upcycled online" in out
+    assert out.count("upcycled online from") == 1, out[-3000:]  # rank 0's alone
+    _assert_quiet_console(out, tmp_path, steps=range(1, 13), total=12)
     records = read_metrics(tmp_path)
     losses = [r["loss"] for r in records]
     assert len(losses) == 12
@@ -62,7 +63,27 @@ def test_ep2_training_straight_from_a_hf_folder_logs_everything_and_resumes(tiny
 
     out = _ok(run_training(2, overrides + ["trainer.max_steps=14"]))
     assert "resuming from" in out and "upcycled online" not in out
+    _assert_quiet_console(out, tmp_path, steps=range(13, 15), total=14)
     assert sorted(losses_by_step(tmp_path)) == list(range(1, 15))
+
+
+def _assert_quiet_console(out: str, log_dir, steps, total: int):
+    """The console holds the project's messages, once (rank 0), and no library chatter: that
+    is in each rank's ``<log_dir>/logs/rank<k>.log`` (verbose=true would print it too)."""
+    lines = out.splitlines()
+    for step in steps:  # one progress line per step (log_every_n_steps=1), not one per rank
+        assert sum(l.startswith(f"step {step}/{total} | loss ") for l in lines) == 1, (step, out[-3000:])
+    assert out.count("training finished: ") == 1, out[-3000:]
+    saved = [l for l in lines if l.startswith("checkpoint saved: ")]
+    assert saved and len(set(saved)) == len(saved), saved
+    for noise in ("Training epoch", "has data parallel group", "OneLogger", "GPU available", "[NeMo ",
+                  "Detected Megatron Core", "Params for bucket"):
+        assert noise not in out, (noise, out[-3000:])
+    assert len(lines) < len(steps) + 20, out[-3000:]
+    logs = {rank: (log_dir / "logs" / f"rank{rank}.log").read_text() for rank in (0, 1)}
+    for rank, text in logs.items():
+        assert f"Rank {rank} has data parallel group" in text and "Global Checkpoint Save" in text, text[-3000:]
+    assert "GPU available: False" in logs[0] and "Params for bucket" in logs[0], logs[0][-3000:]
 
 
 def _assert_disk_estimate_matches(cfg, checkpoint):
@@ -70,8 +91,7 @@ def _assert_disk_estimate_matches(cfg, checkpoint):
     tensors (weights + Adam's moments, from the planner's parameter count) and the context
     folder (NeMo copies the tokenizer folder into it: the tokenizer files alone, not the
     dense model's weights that lie beside them)."""
-    from nemo_upcycle.checkpoint.dense_source import tokenizer_folder
-    from nemo_upcycle.checkpoint.tokenizer_files import tokenizer_files
+    from nemo_upcycle.checkpoint.tokenizer_files import tokenizer_files, tokenizer_folder
     from nemo_upcycle.training.preflight import checkpoint_weight_bytes, folder_bytes
 
     weights, estimate = folder_bytes(checkpoint / "weights"), checkpoint_weight_bytes(cfg)

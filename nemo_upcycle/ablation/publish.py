@@ -10,7 +10,7 @@ from pathlib import Path
 
 from nemo_upcycle.errors import UserError
 
-README_BEGIN = "<!-- ablation-results:begin (written by python -m nemo_upcycle.ablate ablate.readme=README.md) -->"
+README_BEGIN = "<!-- ablation-results:begin (written by nemo-upcycle ablate ablate.readme=<this file>) -->"
 README_END = "<!-- ablation-results:end -->"
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from nemo_upcycle.capacity.layout import moe_layer_flags
+from nemo_upcycle.capacity.layout import moe_layer_flags, moe_spec
 from nemo_upcycle.capacity.params import head_dim
 
 
@@ -49,7 +49,7 @@ class FlopsPerToken:
 
 def flops_per_token(cfg: Any, seq_length: int, dense: bool = False) -> FlopsPerToken:
     """Of the upcycled model, or with ``dense=True`` of the dense model it starts from."""
-    model, moe = cfg.model, cfg.moe
+    model, spec = cfg.model, moe_spec(cfg)
     H, F, V = model.hidden_size, model.ffn_hidden_size, model.vocab_size
     n, g = model.num_attention_heads, model.num_query_groups
     d = head_dim(model)
@@ -57,11 +57,14 @@ def flops_per_token(cfg: Any, seq_length: int, dense: bool = False) -> FlopsPerT
     flags = [False] * L if dense else moe_layer_flags(cfg)
     n_moe = sum(flags)
     n_dense = L - n_moe
+    experts = spec.num_experts if spec else 0
+    # The T*G chosen experts are F/G wide: together as wide as T dense FFNs.
+    routed_width = spec.topk * spec.expert_ffn_hidden_size if spec else 0
     return FlopsPerToken(
         attention_projections=L * (2 * H * (n + 2 * g) * d + 2 * n * d * H),
         attention_scores=L * 2 * 2 * n * d * seq_length,
         dense_ffn=n_dense * 2 * 3 * H * F,
-        router=n_moe * 2 * H * moe.num_experts * moe.granularity,
-        experts=n_moe * 2 * 3 * H * F * moe.topk,
+        router=n_moe * 2 * H * experts,
+        experts=n_moe * 2 * 3 * H * routed_width,
         logits=2 * H * V,
     )

@@ -10,19 +10,25 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from nemo_upcycle.config.moe_layers import moe_layer_indices
-from nemo_upcycle.config.validate import ConfigError, expert_tensor_parallel
+from nemo_upcycle.config.parallel_sizes import expert_tensor_parallel, model_parallel_size
+from nemo_upcycle.config.validate import ConfigError
+from nemo_upcycle.upcycle.spec import UpcycleSpec
 
 
 def is_moe(cfg: Any) -> bool:
+    # moe.num_experts alone: the world size is resolved before the config is validated.
     return cfg.moe.num_experts > 0
+
+
+def moe_spec(cfg: Any) -> Optional[UpcycleSpec]:
+    """The fine-grained counts (E·G experts of width F/G, top-T·G); None for moe=dense."""
+    return UpcycleSpec.of(cfg) if is_moe(cfg) else None
 
 
 def moe_layer_flags(cfg: Any) -> list[bool]:
     """True for each global layer that is upcycled to MoE (all False for moe=dense)."""
-    if not is_moe(cfg):
-        return [False] * cfg.model.num_layers
-    chosen = set(moe_layer_indices(cfg.moe.layers, cfg.model.num_layers))
+    spec = moe_spec(cfg)
+    chosen = set(spec.moe_layers) if spec else set()
     return [i in chosen for i in range(cfg.model.num_layers)]
 
 
@@ -32,7 +38,7 @@ def minimal_world_size(cfg: Any) -> int:
     Dense ranks span tp*pp*cp; expert ranks span etp*ep*pp; the world must be a multiple of both.
     """
     par = cfg.parallel
-    dense_span = par.tp * par.pp * par.cp
+    dense_span = model_parallel_size(par)
     if not is_moe(cfg):
         return dense_span
     return math.lcm(dense_span, expert_tensor_parallel(par) * par.ep * par.pp)
@@ -93,7 +99,7 @@ def layout_of(cfg: Any, world_size: int) -> Layout:
         ep=ep,
         etp=etp,
         sp=bool(par.sp),
-        dp=world_size // (par.tp * par.pp * par.cp),
+        dp=world_size // model_parallel_size(par),
         # megatron-core: expert data parallel = world / (etp * ep * pp)
         edp=max(world_size // (etp * ep * par.pp), 1),
     )

@@ -25,8 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from nemo_upcycle.capacity.layout import Layout, moe_layer_flags, stage_layers
-from nemo_upcycle.capacity.params import RankParams, fine_experts, head_dim
+from nemo_upcycle.capacity.layout import Layout, moe_layer_flags, moe_spec, stage_layers
+from nemo_upcycle.capacity.params import RankParams, head_dim
 
 ADAM_MOMENT_BYTES = 8  # exp_avg + exp_avg_sq, fp32
 MASTER_BYTES = 4  # fp32 copy of 16-bit weights
@@ -125,7 +125,7 @@ def layer_activation_terms(
                  selective_all adds layernorm (norm outputs dropped) and moe_act (experts keep
                  input and fc1 output only); full (uniform, 1 layer): only the layer input e*H/t_sp.
     """
-    model, moe = cfg.model, cfg.moe
+    model = cfg.model
     H, F = model.hidden_size, model.ffn_hidden_size
     n, g = model.num_attention_heads, model.num_query_groups
     d = head_dim(model)
@@ -154,12 +154,12 @@ def layer_activation_terms(
     if not moe_layer:
         terms["dense ffn"] = e * 5 * F / t
         return terms
-    G = moe.granularity
-    width = F // G // layout.etp
-    routed = moe.topk * G * layout.etp / t_sp
+    spec = moe_spec(cfg)
+    width = spec.expert_ffn_hidden_size // layout.etp
+    routed = spec.topk * layout.etp / t_sp
     router_fp32 = str(cfg.router.dtype).lower() in ("fp32", "float32")
     terms["router"] = ((4 * H if router_fp32 and e < 4 else 0)
-                       + 9 * fine_experts(moe) + 28 * moe.topk * G) / t_sp
+                       + 9 * spec.num_experts + 28 * spec.topk) / t_sp
     terms["experts"] = routed * (e * H + e * (2 if drop_norm_out else 6) * width + 4)
     return terms
 

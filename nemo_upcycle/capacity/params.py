@@ -16,7 +16,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from nemo_upcycle.capacity.layout import is_moe, moe_layer_flags, stage_layers
+from nemo_upcycle.capacity.layout import moe_layer_flags, moe_spec, stage_layers
+from nemo_upcycle.upcycle.spec import UpcycleSpec
 
 
 def head_dim(model: Any) -> int:
@@ -46,19 +47,14 @@ def dense_ffn_params(model: Any, tp: int = 1) -> int:
     return 3 * model.hidden_size * model.ffn_hidden_size // tp
 
 
-def fine_experts(moe: Any) -> int:
-    """Experts per MoE layer as megatron-core sees them: E x G."""
-    return moe.num_experts * moe.granularity
-
-
-def expert_params(model: Any, moe: Any, etp: int = 1) -> int:
+def expert_params(spec: UpcycleSpec, etp: int = 1) -> int:
     """One (fine-grained) expert of width F/G, on one of ``etp`` expert-tensor-parallel ranks."""
-    return 3 * model.hidden_size * (model.ffn_hidden_size // moe.granularity) // etp
+    return 3 * spec.hidden_size * spec.expert_ffn_hidden_size // etp
 
 
-def router_params(model: Any, moe: Any) -> int:
+def router_params(spec: UpcycleSpec) -> int:
     """The router's (E*G) x H weight, full on every rank (it is data parallel, not sharded)."""
-    return fine_experts(moe) * model.hidden_size
+    return spec.num_experts * spec.hidden_size
 
 
 def embedding_params(model: Any, tp: int = 1) -> int:
@@ -88,7 +84,7 @@ class ModelParams:
 
 
 def model_params(cfg: Any) -> ModelParams:
-    model, moe = cfg.model, cfg.moe
+    model, spec = cfg.model, moe_spec(cfg)
     flags = moe_layer_flags(cfg)
     n_moe = sum(flags)
     n_dense = len(flags) - n_moe
@@ -98,11 +94,11 @@ def model_params(cfg: Any) -> ModelParams:
     attention = L * (attention_params(model) + 2 * norm_params(model))
     dense_ffn = n_dense * dense_ffn_params(model)
     final_norm = norm_params(model)
-    if is_moe(cfg):
-        experts = n_moe * fine_experts(moe) * expert_params(model, moe)
-        routers = n_moe * router_params(model, moe)
+    if spec is not None:
+        experts = n_moe * spec.num_experts * expert_params(spec)
+        routers = n_moe * router_params(spec)
         # top-k is T*G fine experts of width F/G: the FLOPs and weights of T dense FFNs.
-        active_experts = n_moe * moe.topk * moe.granularity * expert_params(model, moe)
+        active_experts = n_moe * spec.topk * expert_params(spec)
     else:
         experts = routers = active_experts = 0
     shared = embedding + output + attention + dense_ffn + final_norm
@@ -152,7 +148,7 @@ def rank_params(cfg: Any, pp_rank: int, tp: int, ep: int, etp: int) -> RankParam
     Shapes are equal on all tensor/expert ranks of a stage (the layout is validated to
     divide evenly), so the pipeline rank is the only thing that varies.
     """
-    model, moe = cfg.model, cfg.moe
+    model, spec = cfg.model, moe_spec(cfg)
     flags = moe_layer_flags(cfg)
     dense = expert = n_moe = 0
     for layers, first_chunk, last_chunk in stage_chunks(cfg, pp_rank):
@@ -161,8 +157,8 @@ def rank_params(cfg: Any, pp_rank: int, tp: int, ep: int, etp: int) -> RankParam
             dense += attention_params(model, tp) + 2 * norm_params(model)
             if flags[layer]:
                 n_moe += 1
-                dense += router_params(model, moe)
-                expert += fine_experts(moe) // ep * expert_params(model, moe, etp)
+                dense += router_params(spec)
+                expert += spec.num_experts // ep * expert_params(spec, etp)
             else:
                 dense += dense_ffn_params(model, tp)
     return RankParams(

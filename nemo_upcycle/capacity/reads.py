@@ -12,13 +12,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from nemo_upcycle.capacity.layout import Layout, moe_layer_flags
+from nemo_upcycle.capacity.layout import Layout, moe_layer_flags, moe_spec
 from nemo_upcycle.capacity.params import (
     attention_params,
     dense_ffn_params,
     edge_params,
     expert_params,
-    fine_experts,
     norm_params,
     stage_chunks,
 )
@@ -28,7 +27,7 @@ DTYPE_BYTES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp32": 4, "fl
 
 def elements_read(cfg: Any, layout: Layout, pp_rank: int) -> int:
     """Elements of the dense checkpoint read by one rank of pipeline stage ``pp_rank``."""
-    model, moe = cfg.model, cfg.moe
+    model, spec = cfg.model, moe_spec(cfg)
     flags = moe_layer_flags(cfg)
     tp = layout.tp
     total = 0
@@ -37,8 +36,8 @@ def elements_read(cfg: Any, layout: Layout, pp_rank: int) -> int:
         for layer in layers:
             total += attention_params(model, tp) + 2 * norm_params(model)
             if flags[layer]:
-                local = fine_experts(moe) // layout.ep
-                total += min(local, moe.granularity) * expert_params(model, moe, layout.etp)
+                local = spec.num_experts // layout.ep
+                total += min(local, spec.granularity) * expert_params(spec, layout.etp)
             else:
                 total += dense_ffn_params(model, tp)
     return total

@@ -10,18 +10,19 @@ import json
 from typing import Any
 
 from nemo_upcycle.config.validate import ConfigError, validate
-from nemo_upcycle.capacity.budget import compute_budget, gpu_for
+from nemo_upcycle.capacity.budget import GPU, compute_budget, gpu_for
 from nemo_upcycle.capacity.flops import flops_per_token
-from nemo_upcycle.capacity.layout import layout_of, resolve_world_size
+from nemo_upcycle.capacity.layout import Layout, layout_of, resolve_world_size
 from nemo_upcycle.capacity.memory import (
     GiB,
     RECOMPUTE,
+    Precision,
     model_state_bytes,
     num_microbatches,
     precision_for,
     rank_activation_bytes,
 )
-from nemo_upcycle.capacity.params import all_rank_params, model_params
+from nemo_upcycle.capacity.params import ModelParams, all_rank_params, model_params
 from nemo_upcycle.capacity.reads import DTYPE_BYTES, checkpoint_bytes_per_element, elements_read
 
 FORMATS = ("table", "json")
@@ -36,27 +37,15 @@ def planner_problems(cfg: Any) -> list[str]:
         problems.append(f"plan.mfu={plan.mfu} must be in (0, 1], e.g. 0.4 for 40%")
     if str(plan.checkpoint_dtype).lower() not in DTYPE_BYTES:
         problems.append(f"plan.checkpoint_dtype={plan.checkpoint_dtype} must be one of {sorted(DTYPE_BYTES)}")
-    if cfg.train.tokens <= 0:
-        problems.append(f"train.tokens={cfg.train.tokens} must be > 0")
+    if cfg.plan.train_tokens <= 0:
+        problems.append(f"plan.train_tokens={cfg.plan.train_tokens} must be > 0")
     return problems
 
 
-def build_report(cfg: Any) -> dict:
-    """Every number of the plan for ``cfg`` (raises ConfigError for a layout that cannot run)."""
-    world_size, world_source = resolve_world_size(cfg)
-    validate(cfg, world_size)  # the same checks and messages as training
-    problems = planner_problems(cfg)
-    if problems:
-        raise ConfigError(problems)
-    gpu = gpu_for(cfg.plan)
-    layout = layout_of(cfg, world_size)
-    precision = precision_for(cfg.trainer)
-    params = model_params(cfg)
+def batch_warnings(cfg: Any, layout: Layout, microbatches: int) -> list[str]:
+    """What megatron-core would round or refuse about the batch at this layout."""
+    micro, per_step = cfg.trainer.micro_batch_size, cfg.trainer.micro_batch_size * layout.dp
     warnings = []
-
-    micro = cfg.trainer.micro_batch_size
-    per_step = micro * layout.dp
-    microbatches = num_microbatches(cfg, layout)
     if cfg.trainer.global_batch_size % per_step:
         warnings.append(
             f"trainer.global_batch_size={cfg.trainer.global_batch_size} is not a multiple of "
@@ -68,15 +57,19 @@ def build_report(cfg: Any) -> dict:
             f"{microbatches} micro-batches per step is not a multiple of pp={layout.pp}, which "
             "megatron-core's interleaved schedule requires"
         )
+    return warnings
 
-    ranks = []
+
+def rank_rows(cfg: Any, layout: Layout, precision: Precision) -> list[dict]:
+    """Parameters, model states, activations and checkpoint reads of one rank per pipeline stage."""
+    rows = []
     for rank in all_rank_params(cfg, layout):
         states = model_state_bytes(rank, layout, precision)
         acts = {
             name: rank_activation_bytes(cfg, layout, rank.pp_rank, name, "te", precision.activation_bytes).as_dict()
             for name in RECOMPUTE
         }
-        ranks.append(dict(
+        rows.append(dict(
             pp_rank=rank.pp_rank,
             layers=rank.layers,
             moe_layers=rank.moe_layers,
@@ -89,8 +82,11 @@ def build_report(cfg: Any) -> dict:
             activations=acts,
             checkpoint_bytes_read=elements_read(cfg, layout, rank.pp_rank) * checkpoint_bytes_per_element(cfg.plan),
         ))
+    return rows
 
-    limit = gpu.memory_gib * GiB
+
+def memory_verdicts(ranks: list[dict], limit: float) -> list[dict]:
+    """The largest rank against the GPU, with and without the distributed optimizer, per recompute."""
     verdicts = []
     for distributed in (False, True):
         for name in RECOMPUTE:
@@ -109,17 +105,66 @@ def build_report(cfg: Any) -> dict:
                 fits=totals[worst] <= limit,
                 margin_bytes=limit - totals[worst],
             ))
-    configured = [v for v in verdicts if v["distributed_optimizer"] == bool(cfg.trainer.distributed_optimizer)]
-    fitting = [v for v in configured if v["fits"]] or [v for v in verdicts if v["fits"]]
+    return verdicts
 
-    ckpt_bytes = params.dense_model_total * checkpoint_bytes_per_element(cfg.plan)
-    ranks_per_stage = world_size // layout.pp
+
+def configured_verdict(verdicts: list[dict], distributed_optimizer: bool) -> dict:
+    """The least recomputation that fits with the configured optimizer (else with either), or
+    the closest miss."""
+    configured = [v for v in verdicts if v["distributed_optimizer"] == distributed_optimizer]
+    fitting = [v for v in configured if v["fits"]] or [v for v in verdicts if v["fits"]]
+    best = fitting[0] if fitting else max(configured, key=lambda v: v["margin_bytes"])
+    return dict(best, any_fits=bool(fitting))
+
+
+def job_summary(cfg: Any, world_size: int, world_source: str, layout: Layout, precision: Precision,
+                gpu: GPU, microbatches: int) -> dict:
+    micro = cfg.trainer.micro_batch_size
+    return dict(
+        model=cfg.model.name, moe=cfg.moe.name, num_experts=cfg.moe.num_experts,
+        topk=cfg.moe.topk, granularity=cfg.moe.granularity,
+        world_size=world_size, world_size_from=world_source,
+        tp=layout.tp, pp=layout.pp, vpp=layout.vpp, cp=layout.cp, ep=layout.ep,
+        etp=layout.etp, sp=layout.sp, dp=layout.dp, expert_dp=layout.edp,
+        micro_batch_size=micro, global_batch_size=microbatches * micro * layout.dp,
+        seq_length=cfg.trainer.seq_length, microbatches_per_step=microbatches,
+        precision=dict(param_bytes=precision.param_bytes, grad_bytes=precision.grad_bytes,
+                       optimizer_bytes=precision.optimizer_bytes,
+                       activation_bytes=precision.activation_bytes),
+        gpu=gpu.name, peak_tflops=gpu.bf16_tflops, gpu_memory_gib=gpu.memory_gib,
+        mfu=cfg.plan.mfu, distributed_optimizer=bool(cfg.trainer.distributed_optimizer),
+    )
+
+
+def checkpoint_reads(cfg: Any, params: ModelParams, ranks: list[dict], ranks_per_stage: int) -> dict:
+    """Bytes online upcycling reads: each stage's rank, and all ranks (every rank of a stage alike)."""
+    return dict(
+        checkpoint_bytes=params.dense_model_total * checkpoint_bytes_per_element(cfg.plan),
+        per_rank_bytes=[r["checkpoint_bytes_read"] for r in ranks],
+        all_ranks_bytes=sum(r["checkpoint_bytes_read"] for r in ranks) * ranks_per_stage,
+        dtype=str(cfg.plan.checkpoint_dtype),
+    )
+
+
+def build_report(cfg: Any) -> dict:
+    """Every number of the plan for ``cfg`` (raises ConfigError for a layout that cannot run)."""
+    world_size, world_source = resolve_world_size(cfg)
+    validate(cfg, world_size)  # the same checks and messages as training
+    problems = planner_problems(cfg)
+    if problems:
+        raise ConfigError(problems)
+    gpu = gpu_for(cfg.plan)
+    layout = layout_of(cfg, world_size)
+    precision = precision_for(cfg.trainer)
+    params = model_params(cfg)
+    microbatches = num_microbatches(cfg, layout)
+    ranks = rank_rows(cfg, layout, precision)
+    verdicts = memory_verdicts(ranks, gpu.memory_gib * GiB)
     seq = cfg.trainer.seq_length
-    moe_flops = flops_per_token(cfg, seq)
-    dense_flops = flops_per_token(cfg, seq, dense=True)
+    moe_flops, dense_flops = flops_per_token(cfg, seq), flops_per_token(cfg, seq, dense=True)
     budget = compute_budget(
-        tokens=cfg.train.tokens,
-        tokens_per_step=microbatches * per_step * seq,
+        tokens=cfg.plan.train_tokens,
+        tokens_per_step=microbatches * cfg.trainer.micro_batch_size * layout.dp * seq,
         train_flops_per_token=moe_flops.training,
         dense_train_flops_per_token=dense_flops.training,
         pretrain_tokens=cfg.model.pretrain_tokens,
@@ -128,37 +173,18 @@ def build_report(cfg: Any) -> dict:
         mfu=cfg.plan.mfu,
     )
     return dict(
-        job=dict(
-            model=cfg.model.name, moe=cfg.moe.name, num_experts=cfg.moe.num_experts,
-            topk=cfg.moe.topk, granularity=cfg.moe.granularity,
-            world_size=world_size, world_size_from=world_source,
-            tp=layout.tp, pp=layout.pp, vpp=layout.vpp, cp=layout.cp, ep=layout.ep,
-            etp=layout.etp, sp=layout.sp, dp=layout.dp, expert_dp=layout.edp,
-            micro_batch_size=micro, global_batch_size=microbatches * per_step,
-            seq_length=seq, microbatches_per_step=microbatches,
-            precision=dict(param_bytes=precision.param_bytes, grad_bytes=precision.grad_bytes,
-                           optimizer_bytes=precision.optimizer_bytes,
-                           activation_bytes=precision.activation_bytes),
-            gpu=gpu.name, peak_tflops=gpu.bf16_tflops, gpu_memory_gib=gpu.memory_gib,
-            mfu=cfg.plan.mfu, distributed_optimizer=bool(cfg.trainer.distributed_optimizer),
-        ),
+        job=job_summary(cfg, world_size, world_source, layout, precision, gpu, microbatches),
         parameters=dict(params.as_dict(), num_layers=cfg.model.num_layers),
         ranks=ranks,
         memory=dict(
-            gpu_memory_bytes=limit,
+            gpu_memory_bytes=gpu.memory_gib * GiB,
             verdicts=verdicts,
-            configured=dict(fitting[0] if fitting else max(configured, key=lambda v: v["margin_bytes"]),
-                            any_fits=bool(fitting)),
+            configured=configured_verdict(verdicts, bool(cfg.trainer.distributed_optimizer)),
         ),
-        checkpoint_reads=dict(
-            checkpoint_bytes=ckpt_bytes,
-            per_rank_bytes=[r["checkpoint_bytes_read"] for r in ranks],
-            all_ranks_bytes=sum(r["checkpoint_bytes_read"] for r in ranks) * ranks_per_stage,
-            dtype=str(cfg.plan.checkpoint_dtype),
-        ),
+        checkpoint_reads=checkpoint_reads(cfg, params, ranks, world_size // layout.pp),
         flops=dict(moe=moe_flops.as_dict(), dense=dense_flops.as_dict()),
         budget=budget.as_dict(),
-        warnings=warnings,
+        warnings=batch_warnings(cfg, layout, microbatches),
     )
 
 

@@ -13,6 +13,7 @@ weight is read.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from nemo_upcycle.errors import UserError
@@ -30,13 +31,34 @@ ARCH_KEYS = (
 LLAMA3_ROPE_DEFAULTS = {"rope_scaling_low_freq_factor": 1.0, "rope_scaling_high_freq_factor": 4.0,
                         "rope_scaling_original_max_position": 8192}
 
-# HF model_type -> (q/k/v biases, per-head q/k RMSNorm). All: RMSNorm, SwiGLU, RoPE, no other bias.
+
+@dataclass(frozen=True)
+class Family:
+    """A dense Hugging Face ``model_type``: RMSNorm, SwiGLU, RoPE and no bias but these."""
+
+    qkv_bias: bool  # biases on q/k/v (Qwen2)
+    qk_layernorm: bool  # per-head RMSNorm of queries and keys (Qwen3)
+    # The Hugging Face MoE architecture that computes the upcycled model, and whether
+    # nemo-upcycle writes it (Mixtral; Llama itself for moe=dense).
+    moe_architecture: str
+    exported: bool
+    # Qwen configs state a sliding_window they do not use: only use_sliding_window (or
+    # sliding layers in layer_types) switches it on.
+    sliding_window_switch: bool = False
+
+    def megatron_flags(self) -> dict:
+        return dict(qkv_bias=self.qkv_bias, qk_layernorm=self.qk_layernorm)
+
+
 FAMILIES = {
-    "llama": dict(qkv_bias=False, qk_layernorm=False),    # Llama 2/3/3.1-3.3, SmolLM2, TinyLlama
-    "mistral": dict(qkv_bias=False, qk_layernorm=False),  # Mistral without a sliding window
-    "qwen2": dict(qkv_bias=True, qk_layernorm=False),     # Qwen2, Qwen2.5
-    "qwen3": dict(qkv_bias=False, qk_layernorm=True),     # Qwen3 dense
+    "llama": Family(False, False, "Mixtral", exported=True),  # Llama 2/3/3.1-3.3, SmolLM2, TinyLlama
+    "mistral": Family(False, False, "Mixtral", exported=True),  # Mistral without a sliding window
+    "qwen2": Family(True, False, "Qwen2-MoE", exported=False, sliding_window_switch=True),  # Qwen2, Qwen2.5
+    "qwen3": Family(False, True, "Qwen3-MoE", exported=False, sliding_window_switch=True),  # Qwen3 dense
 }
+# MoE model types read back (this project's own export, through import_dense): the dense
+# family each one extends with an MoE FFN in every layer, and its config's expert count.
+MOE_READ_BACK = {"mixtral": ("llama", "num_local_experts")}
 
 
 class ArchitectureError(UserError):
@@ -77,7 +99,7 @@ def _rope_scaling(config: dict, problems: list[str]) -> dict:
 def _sliding_window(config: dict, model_type: str, problems: list[str]) -> None:
     """A window no sequence can exceed is full attention, which megatron-core computes exactly."""
     window = config.get("sliding_window")
-    if model_type in ("qwen2", "qwen3"):
+    if FAMILIES[model_type].sliding_window_switch:
         uses = config.get("use_sliding_window", False) or "sliding_attention" in (config.get("layer_types") or [])
         if uses:
             problems.append(f"use_sliding_window=true (sliding_window={window}): megatron-core's "
@@ -98,7 +120,7 @@ def stated_by_hf_config(config: dict, where: str = "config.json") -> dict:
         raise ArchitectureError(
             f"{where}: model_type={model_type!r} is not supported; nemo-upcycle reads "
             f"{', '.join(FAMILIES)} (Llama 2/3.x, SmolLM2, TinyLlama, Mistral, Qwen2/2.5, Qwen3) "
-            "dense models, and mixtral folders written by its own export"
+            f"dense models, and {', '.join(MOE_READ_BACK)} folders written by its own export"
         )
     problems = []
     if config.get("hidden_act", "silu") != "silu":
@@ -130,9 +152,20 @@ def stated_by_hf_config(config: dict, where: str = "config.json") -> dict:
         rotary_base=float(config.get("rope_theta", 10000.0)),
         norm_eps=float(config.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-        **FAMILIES[model_type],
+        **FAMILIES[model_type].megatron_flags(),
         **rope,
     )
+
+
+def stated_by_hf_folder_config(config: dict, where: str = "config.json") -> tuple[dict, int]:
+    """(the architecture, experts per layer) of a Hugging Face folder's ``config.json``: a dense
+    family (0 experts), or an MoE type nemo-upcycle writes, read as its dense family."""
+    experts = 0
+    if config.get("model_type") in MOE_READ_BACK:
+        family, experts_key = MOE_READ_BACK[config["model_type"]]
+        experts = int(config.get(experts_key, 0) or 0)
+        config = dict(config, model_type=family)
+    return stated_by_hf_config(config, where), experts
 
 
 def effective_head_dim(model: Any) -> int:

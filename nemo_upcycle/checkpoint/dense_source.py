@@ -12,27 +12,25 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import OmegaConf, open_dict
 
 from nemo_upcycle.checkpoint.architecture import ARCH_KEYS, effective_head_dim, fill_and_compare
-from nemo_upcycle.checkpoint.embedded import EMBEDDED_PREFIX, embedded_paths, ensure_embedded, is_embedded
+from nemo_upcycle.checkpoint.embedded import EMBEDDED_PREFIX, ensure_embedded, is_embedded
+# Re-exported for upcycle/verify.py and training/job.py, which still import it from here.
 from nemo_upcycle.upcycle.errors import DenseCheckpointMismatch, UpcycleError
-from nemo_upcycle.upcycle.plan import DenseKeyResolver
+from nemo_upcycle.upcycle.dense_keys import DenseKeyResolver
 
-TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 MEGATRON_LM_TRACKER = "latest_checkpointed_iteration.txt"
-
-
-def has_tokenizer(folder: Optional[Path]) -> bool:
-    return folder is not None and any((Path(folder) / f).is_file() for f in TOKENIZER_MARKERS)
 
 
 def is_hf_folder(path: Path) -> bool:
     """A Hugging Face model folder: config.json and safetensors weights."""
+    from nemo_upcycle.checkpoint.safetensors_source import INDEX_FILE
+
     return path.is_dir() and (path / "config.json").is_file() and (
-        any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file()
+        any(path.glob("*.safetensors")) or (path / INDEX_FILE).is_file()
     )
 
 
@@ -63,29 +61,6 @@ def checkpoint_path(cfg: Any) -> Path:
     if path.is_dir() and (path / MEGATRON_LM_TRACKER).is_file():
         return megatron_lm_iteration(path)
     return path
-
-
-def tokenizer_folder(cfg: Any, import_embedded: bool = True) -> Optional[Path]:
-    """The tokenizer the job uses: ``model.tokenizer``, else the one beside the weights.
-
-    With ``import_embedded=False`` an embedded model's folder is named without importing
-    it (preflight checks must not start the first run's import).
-    """
-    if cfg.model.tokenizer:
-        return Path(cfg.model.tokenizer)
-    if OmegaConf.is_config(cfg.model) and OmegaConf.is_missing(cfg.model, "dense_checkpoint"):
-        return None
-    ckpt = str(cfg.model.dense_checkpoint)
-    if is_embedded(ckpt):
-        if import_embedded:
-            return ensure_embedded(ckpt, cfg.cache_dir)["hf"]
-        return embedded_paths(cfg.cache_dir, ckpt[len(EMBEDDED_PREFIX):])["hf"]
-    path = Path(ckpt)
-    # HF folders carry their tokenizer; NeMo 2 checkpoints keep it in their context.
-    for folder in (path, path / "context" / "nemo_tokenizer", path.parent / "context" / "nemo_tokenizer"):
-        if has_tokenizer(folder):
-            return folder
-    return None
 
 
 def _open(path: Path):

@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from nemo_upcycle.util.rank0_builds import build_on_rank0
 
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_MODELS = ("smollm2_135m",)
@@ -39,21 +40,17 @@ def ensure_embedded(dense_checkpoint: str, cache_dir: str | Path, timeout_s: flo
             f"available: {', '.join(EMBEDDED_PREFIX + m for m in EMBEDDED_MODELS)}"
         )
     paths = embedded_paths(cache_dir, name)
-    if paths["torch_dist"].is_dir() and paths["hf"].is_dir():
-        return paths
-    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
-    if rank == 0:
+
+    def run_import() -> None:
         print(f"importing the embedded {name} into {paths['torch_dist'].parent} (first run only)", flush=True)
         subprocess.run(
             [sys.executable, "-m", "nemo_upcycle.import_dense", f"source={dense_checkpoint}",
              f"output_dir={paths['torch_dist']}", f"cache_dir={cache_dir}"],
             check=True, env={k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS},
         )
-    deadline = time.monotonic() + timeout_s
-    while not (paths["torch_dist"].is_dir() and paths["hf"].is_dir()):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"rank {rank}: the embedded model import did not finish in {timeout_s:.0f}s")
-        time.sleep(1.0)
+
+    build_on_rank0(lambda: paths["torch_dist"].is_dir() and paths["hf"].is_dir(), run_import,
+                   f"the embedded model import ({name})", timeout_s)
     return paths
 
 

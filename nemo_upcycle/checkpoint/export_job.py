@@ -9,15 +9,15 @@ from omegaconf import OmegaConf
 
 def tokenizer_dir(cfg: Any) -> Optional[Path]:
     """The tokenizer folder to copy into the export (None when there is none)."""
-    from nemo_upcycle.checkpoint.dense_source import tokenizer_folder
+    from nemo_upcycle.checkpoint.tokenizer_files import tokenizer_folder
 
-    return Path(cfg.export.tokenizer) if cfg.export.tokenizer else tokenizer_folder(cfg)
+    return tokenizer_folder(cfg, explicit=cfg.export.tokenizer)
 
 
 def upcycled_source(cfg: Any):
     """Upcycle the dense model to ``cfg.moe`` on this single process; the model as a source."""
     from nemo_upcycle.checkpoint.dense_source import open_dense_source
-    from nemo_upcycle.checkpoint.exporter import ModelSource
+    from nemo_upcycle.checkpoint.model_source import ModelSource
     from nemo_upcycle.model.modeling import build_model_chunks, build_transformer_config
     from nemo_upcycle.platform.distributed import setup_parallel
     from nemo_upcycle.upcycle.engine import upcycle_from_dense
@@ -42,13 +42,13 @@ def run_export(cfg: Any) -> dict:
     from nemo_upcycle.checkpoint.exporter import ExportError, check_exportable, export_hf
     from nemo_upcycle.cli.common import resolve_dense_model
     from nemo_upcycle.upcycle.sources import CheckpointFormatError, TorchDistCheckpoint
+    from nemo_upcycle.util.atomic import refuse_existing
 
     ex = cfg.export
     if not ex.output_dir:
         raise ExportError("output_dir is required: nemo-upcycle export_hf checkpoint=... output_dir=...")
     output_dir = Path(ex.output_dir)
-    if output_dir.exists() and not ex.overwrite:
-        raise ExportError(f"output_dir {output_dir} already exists; choose another or pass overwrite=true")
+    refuse_existing(output_dir, ex.overwrite, ExportError)  # before anything is upcycled
     dtype = parse_dtype(ex.dtype, ExportError)
     if not ex.checkpoint:
         resolve_dense_model(cfg)  # model=auto: the architecture from the dense checkpoint

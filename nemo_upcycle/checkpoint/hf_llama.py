@@ -210,7 +210,11 @@ def keyed_shapes(canonical: dict[Canonical, tuple[int, ...]], naming: "MegatronN
 
 @dataclass(frozen=True)
 class MegatronNaming:
-    """How a checkpoint names canonical tensors: stacked layers or one key per layer."""
+    """How a checkpoint names canonical tensors: stacked layers or one key per layer.
+
+    The one place that spells megatron keys; ``upcycle.dense_keys.DenseKeyResolver`` uses it
+    to look keys up in a dense checkpoint, tensor by tensor.
+    """
 
     stacked: bool = True
     prefix: str = ""

@@ -12,7 +12,6 @@ a folder that looks finished.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -21,6 +20,7 @@ import torch
 from nemo_upcycle.checkpoint.hf_llama import LlamaShape
 from nemo_upcycle.checkpoint.tokenizer_files import is_gguf_copy
 from nemo_upcycle.errors import UserError
+from nemo_upcycle.util.atomic import refuse_existing, write_folder_atomic
 
 MODEL_INFO = "nemo_upcycle_model.json"
 
@@ -41,20 +41,7 @@ def template_overrides(stated: dict, shape: LlamaShape, topk: int = 2) -> list[s
 
 
 def check_output_dir(output_dir: Path, overwrite: bool) -> None:
-    if output_dir.exists():
-        if not overwrite:
-            raise ImportError_(f"output_dir {output_dir} already exists; choose another or pass overwrite=true")
-
-
-def _replace(output_dir: Path, write) -> dict:
-    """Write next to ``output_dir`` and swap it in only when complete."""
-    staged = output_dir.with_name(output_dir.name + ".new")
-    shutil.rmtree(staged, ignore_errors=True)
-    summary = write(staged)
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
-    staged.rename(output_dir)
-    return summary
+    refuse_existing(output_dir, overwrite, ImportError_)
 
 
 def import_source(source, stated: dict, output_dir: Path, overwrite: bool = False,
@@ -87,7 +74,8 @@ def import_source(source, stated: dict, output_dir: Path, overwrite: bool = Fals
                                extra_files={MODEL_INFO: json.dumps(model_info, indent=2)},
                                progress=progress, desc="import")
 
-    return _replace(output_dir, write)
+    # Staged beside output_dir: overwrite=true replaces the old checkpoint only once the new one is complete.
+    return write_folder_atomic(output_dir, write)
 
 
 def import_hf_folder(folder: Path, output_dir: Path, overwrite: bool = False,
@@ -142,13 +130,14 @@ def load_gguf_as_hf(gguf_file: Path, hf_out: Optional[Path] = None):
         for attr in ("quantization_config", "_pre_quantization_dtype"):
             if hasattr(model.config, attr):
                 delattr(model.config, attr)
-        tmp = hf_out.with_name(hf_out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
-        if is_gguf_copy(tmp / "tokenizer.model"):
-            (tmp / "tokenizer.model").unlink()  # the GGUF file itself; tokenizer.json suffices
-        tmp.rename(hf_out)
+
+        def save(folder: Path) -> None:
+            model.save_pretrained(str(folder), safe_serialization=True)
+            tokenizer.save_pretrained(str(folder))
+            if is_gguf_copy(folder / "tokenizer.model"):
+                (folder / "tokenizer.model").unlink()  # the GGUF file itself; tokenizer.json suffices
+
+        write_folder_atomic(hf_out, save)
     return model, tokenizer
 
 

@@ -86,15 +86,10 @@ def stated_and_shape(config: dict, where: str) -> tuple[dict, LlamaShape]:
     A Mixtral folder (this project's export, read back by ``import_dense``) is a Llama with
     an MoE FFN in every layer.
     """
-    from nemo_upcycle.checkpoint.architecture import ArchitectureError, stated_by_hf_config
+    from nemo_upcycle.checkpoint.architecture import ArchitectureError, stated_by_hf_folder_config
 
-    model_type = config.get("model_type")
-    experts = 0
-    if model_type == "mixtral":
-        experts = int(config.get("num_local_experts", 0) or 0)
-        config = dict(config, model_type="llama")
     try:
-        stated = stated_by_hf_config(config, where)
+        stated, experts = stated_by_hf_folder_config(config, where)
     except ArchitectureError as err:
         raise HFFormatError(str(err)) from None
     layers = stated["num_layers"]

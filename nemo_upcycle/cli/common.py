@@ -31,6 +31,14 @@ def print_rank0(message: str) -> None:
         print(message, flush=True)
 
 
+def quiet_console(cfg) -> None:
+    """The project's messages once (rank 0), library chatter kept for the log file; see
+    nemo_upcycle/platform/console.py. ``verbose=true`` shows everything as the libraries print it."""
+    from nemo_upcycle.platform.console import quiet_console as setup
+
+    setup(read_launch_env().rank, verbose=bool(cfg.verbose))
+
+
 def fail(code: int) -> None:
     """Exit now, without waiting on other ranks (they fail the same way, or torchrun stops them)."""
     sys.stdout.flush()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from nemo_upcycle.cli.common import CONFIG_DIR, is_rank0, launch_world_size, print_rank0, validated
+from nemo_upcycle.cli.common import CONFIG_DIR, is_rank0, launch_world_size, print_rank0, quiet_console, validated
 from nemo_upcycle.config.schema import register_configs
 
 register_configs()
@@ -26,13 +26,12 @@ def main(cfg: DictConfig) -> None:
     from pathlib import Path
 
     from nemo_upcycle.evaluation.runner import evaluate_model, print_report, summary_line
+    from nemo_upcycle.platform.console import log_to_file
     from nemo_upcycle.util.atomic import write_json_atomic
 
-    with validated(cfg, launch_world_size()):
-        if cfg.eval.mmlu.scoring not in ("loglik", "letter"):
-            from nemo_upcycle.config.validate import ConfigError
-
-            raise ConfigError([f"eval.mmlu.scoring={cfg.eval.mmlu.scoring} must be loglik or letter"])
+    quiet_console(cfg)
+    with validated(cfg, launch_world_size()):  # eval.* is checked with the rest of the config
+        log_to_file(cfg.log_dir)  # library logs of each rank: ${log_dir}/logs/rank<k>.log
         result = evaluate_model(cfg, verbose=is_rank0())
     if is_rank0():
         print_report(result)

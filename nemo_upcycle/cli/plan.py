@@ -1,7 +1,7 @@
 """nemo-upcycle plan: will this layout fit, and what will it cost?
 
 Takes the training configuration (same Hydra groups and overrides) plus ``world_size=`` or
-``nodes=``/``gpus_per_node=``, ``train.tokens=``, ``plan.gpu=``/``plan.peak_tflops=``,
+``nodes=``/``gpus_per_node=``, ``plan.train_tokens=``, ``plan.gpu=``/``plan.peak_tflops=``,
 ``plan.mfu=`` and ``plan.format=table|json``. Validates the layout with the same function as
 training and exits with status 2 and the same message when it cannot run.
 """

@@ -4,6 +4,10 @@ Upcycles the dense checkpoint online on the first launch, then trains the MoE wi
 trainer; any later launch of the same command resumes from the latest complete MoE
 checkpoint in ``log_dir`` and never upcycles again. ``--cfg job`` prints the composed
 configuration; ``--help`` lists the config groups and their options.
+
+The console shows the project's messages once (rank 0: upcycling, the step lines,
+checkpoints, the summary) and any error; NeMo's, megatron's and Lightning's logs of each rank
+go to ``${log_dir}/logs/rank<k>.log``; ``verbose=true`` prints them on the console as well.
 """
 from __future__ import annotations
 
@@ -12,7 +16,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from nemo_upcycle.cli.common import CONFIG_DIR, fail, is_rank0, launch_world_size, print_rank0, validated
+from nemo_upcycle.cli.common import (CONFIG_DIR, fail, is_rank0, launch_world_size, print_rank0, quiet_console,
+                                     validated)
 from nemo_upcycle.config.schema import register_configs
 
 register_configs()
@@ -20,10 +25,14 @@ register_configs()
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
+    from nemo_upcycle.platform.console import log_to_file
+
+    quiet_console(cfg)  # library logs go to ${log_dir}/logs/rank<k>.log once log_dir is checked
     with validated(cfg, launch_world_size()):
         from nemo_upcycle.training.preflight import check_before_training
 
         check_before_training(cfg)  # log_dir writable, disk for the checkpoints: before any weight is read
+        log_file = log_to_file(cfg.log_dir)  # only now: a rejected command leaves no file behind
         from nemo_upcycle.training.guards import TrainingStopped
         from nemo_upcycle.training.job import run_training
 
@@ -31,7 +40,9 @@ def main(cfg: DictConfig) -> None:
             summary = run_training(cfg)
         except TrainingStopped as err:
             report_stop(err)
-    print_rank0(f"training finished: {summary}")
+    from nemo_upcycle.training.job import finished_line
+
+    print_rank0(finished_line(summary, log_file))
 
 
 def report_stop(err) -> None:

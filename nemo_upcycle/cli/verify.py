@@ -14,7 +14,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from nemo_upcycle.cli.common import CONFIG_DIR, fail, launch_world_size, print_rank0, validated
+from nemo_upcycle.cli.common import CONFIG_DIR, fail, launch_world_size, print_rank0, quiet_console, validated
 from nemo_upcycle.config.schema import register_configs
 
 register_configs()
@@ -24,6 +24,7 @@ register_configs()
 def main(cfg: DictConfig) -> None:
     from nemo_upcycle.upcycle.verify import run_verify, verdict
 
+    quiet_console(cfg)  # verify writes no files: library chatter is shown only with verbose=true
     with validated(cfg, launch_world_size()):
         lines, failed = verdict(run_verify(cfg))
     for line in lines:

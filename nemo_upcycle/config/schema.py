@@ -164,13 +164,8 @@ class PlanConfig:
     gpu_memory_gib: Optional[float] = None
     # dtype of the dense checkpoint's weights (bytes read during online upcycling).
     checkpoint_dtype: str = "bf16"
-
-
-@dataclass
-class TrainBudgetConfig:
-    """How long the upcycled model is trained, for the planner's compute budget."""
-
-    tokens: float = 1.0e11
+    # Tokens the upcycled model will be trained on (the compute budget); the paper's 100B.
+    train_tokens: float = 1.0e11
 
 
 @dataclass
@@ -197,12 +192,14 @@ class UpcycleJobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     seed: int = 1234
     log_dir: str = "runs/default"
+    # false: the console shows the project's messages (rank 0) and errors; library INFO and
+    # warnings of each rank go to ${log_dir}/logs/rank<k>.log. true: everything on the console too.
+    verbose: bool = False
     # Where imported dense checkpoints and tokenized data are cached.
     cache_dir: str = "${oc.env:NEMO_UPCYCLE_CACHE,${oc.env:HOME}/.cache/nemo_upcycle}"
     # Planner inputs (python -m nemo_upcycle.plan): hardware, training length, and the number
     # of GPUs, given as world_size or as nodes x gpus_per_node.
     plan: PlanConfig = field(default_factory=PlanConfig)
-    train: TrainBudgetConfig = field(default_factory=TrainBudgetConfig)
     world_size: Optional[int] = None
     nodes: Optional[int] = None
     gpus_per_node: Optional[int] = None

@@ -1,29 +1,17 @@
 """Resolve ``data.*`` to megatron indexed-dataset prefixes (with blend weights)."""
 from __future__ import annotations
 
-import os
-import time
 from pathlib import Path
 from typing import Any, Optional
 
 from nemo_upcycle.data.indexed import dataset_ready, jsonl_documents, tokenizer_tag, write_indexed_dataset
+from nemo_upcycle.util.rank0_builds import build_on_rank0
 
 EMBEDDED_DATA = "embedded:gensim_wiki"
 
 
-def _build_once(prefix: Path, build, timeout_s: float = 900.0) -> None:
-    """Rank 0 builds; other ranks wait for the finished files (no collective involved)."""
-    if dataset_ready(prefix):
-        return
-    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
-    if rank == 0:
-        build()
-        return
-    deadline = time.monotonic() + timeout_s
-    while not dataset_ready(prefix):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"dataset {prefix} was not prepared within {timeout_s:.0f}s")
-        time.sleep(1.0)
+def _build_once(prefix: Path, build) -> None:
+    build_on_rank0(lambda: dataset_ready(prefix), build, f"tokenizing the dataset {prefix}")
 
 
 def resolve_data_paths(cfg: Any, tokenizer_path: Optional[Path]) -> list:

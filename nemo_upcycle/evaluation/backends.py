@@ -103,18 +103,6 @@ class HFBackend:
         return pick_logprobs(logits, token_ids)
 
 
-def checkpoint_weights_dir(path: str | Path) -> Path:
-    """The torch_dist folder of a megatron-core checkpoint or of a NeMo 2 checkpoint (weights/)."""
-    path = Path(path)
-    for candidate in (path, path / "weights"):
-        if (candidate / ".metadata").is_file() or (candidate / "metadata.json").is_file():
-            return candidate
-    raise FileNotFoundError(
-        f"eval.checkpoint={path} is not a megatron-core distributed checkpoint: no .metadata "
-        f"in it or in {path / 'weights'}"
-    )
-
-
 def checkpoint_key_prefix(keys: Sequence[str], anchor: str = "decoder.final_layernorm.weight") -> str:
     """The prefix the checkpoint puts before megatron's names ('' for megatron, 'module.' for NeMo 2)."""
     for key in sorted(keys, key=len):
@@ -149,13 +137,16 @@ def load_checkpoint(chunks: list, path: str | Path) -> str:
     """Load a torch_dist / NeMo 2 checkpoint into this rank's chunks; returns the key prefix used."""
     from megatron.core import dist_checkpointing
 
-    from nemo_upcycle.upcycle.sources import TorchDistCheckpoint
+    from nemo_upcycle.upcycle.sources import CheckpointFormatError, TorchDistCheckpoint
 
-    folder = checkpoint_weights_dir(path)
-    prefix = checkpoint_key_prefix(list(TorchDistCheckpoint(folder).tensor_shapes()))
+    try:
+        checkpoint = TorchDistCheckpoint(path)  # the folder itself, or a NeMo 2 checkpoint's weights/
+    except CheckpointFormatError as err:
+        raise UpcycleError(f"eval.checkpoint={path}: {err}") from None
+    prefix = checkpoint_key_prefix(list(checkpoint.tensor_shapes()))
     state = prefix_sharded_keys(chunks_sharded_state(chunks), prefix)
     try:
-        loaded = dist_checkpointing.load(state, str(folder))
+        loaded = dist_checkpointing.load(state, str(checkpoint.path))
     except Exception as err:  # megatron reports missing/mismatched keys as various errors
         raise UpcycleError(
             f"cannot load eval.checkpoint={path} into the model the config describes "

@@ -4,6 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+# eval.mmlu.scoring: "loglik" (cloze prompts) or "letter" (choices listed in the prompt).
+SCORINGS = ("loglik", "letter")
+
 
 @dataclass
 class MMLUConfig:

@@ -23,8 +23,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from nemo_upcycle.evaluation.config import SCORINGS
+
 LETTERS = ("A", "B", "C", "D")
-SCORINGS = ("loglik", "letter")
 FORMATS = {"loglik": "cloze", "letter": "mcf"}
 
 

@@ -7,8 +7,6 @@ call; ``evaluate_backend(backend, encode, eval_cfg)`` scores a model already in 
 from __future__ import annotations
 
 import math
-import os
-import re
 import time
 from functools import partial
 from pathlib import Path
@@ -17,20 +15,13 @@ from typing import Any, Callable, Optional
 from nemo_upcycle.evaluation.scoring import Backend, Progress, perplexity, scorer_for
 
 
-def heldout_tokens(encode: Callable[[str], list[int]]) -> list[int]:
-    """gensim's lee_background.cor with runs of whitespace collapsed, as token ids."""
-    from nemo_upcycle.data.assets import heldout_news_text
-
-    text = re.sub(r"\s+", " ", heldout_news_text().read_text(encoding="utf-8", errors="replace")).strip()
-    return encode(text)
-
-
 def evaluate_backend(backend: Backend, encode: Callable[[str], list[int]], eval_cfg: Any, verbose: bool = False) -> dict:
     """MMLU (unless num_questions == 0) and perplexity (unless max_tokens == 0) of ``backend``.
 
     Returns ``{"mmlu_acc", "n", "ppl", "mmlu": {...per subject...}, "ppl_detail": {...}, "seconds": {...}}``;
     every rank gets the same dict.
     """
+    from nemo_upcycle.data.text import heldout_text
     from nemo_upcycle.evaluation.mmlu import evaluate_mmlu
 
     m, p = eval_cfg.mmlu, eval_cfg.ppl
@@ -45,7 +36,7 @@ def evaluate_backend(backend: Backend, encode: Callable[[str], list[int]], eval_
         result.update(mmlu_acc=mmlu["acc"], n=mmlu["n"], mmlu=mmlu)
     if p.max_tokens > 0:
         started = time.perf_counter()
-        tokens = heldout_tokens(encode)
+        tokens = encode(heldout_text())
         detail = perplexity(backend, tokens, p.seq_length, p.max_tokens, p.batch_size,
                             Progress("ppl", 0, verbose))
         result["seconds"]["ppl"] = time.perf_counter() - started
@@ -55,15 +46,10 @@ def evaluate_backend(backend: Backend, encode: Callable[[str], list[int]], eval_
 
 def tokenizer_for(cfg: Any) -> Optional[Path]:
     """The tokenizer folder: model.tokenizer, else the HF model's own, else the dense model's."""
-    if cfg.model.tokenizer:
-        return Path(cfg.model.tokenizer)
-    from nemo_upcycle.checkpoint.dense_source import has_tokenizer, tokenizer_folder
+    from nemo_upcycle.checkpoint.tokenizer_files import tokenizer_folder
 
-    hf = cfg.eval.hf_model
-    if hf and has_tokenizer(Path(hf)):
-        return Path(hf)
-
-    return tokenizer_folder(cfg)  # None: byte-level vocabulary (the tiny test models)
+    # None: byte-level vocabulary (the tiny test models).
+    return tokenizer_folder(cfg, also_look_in=[cfg.eval.hf_model])
 
 
 def build_backend(cfg: Any) -> tuple[Backend, dict]:
@@ -81,14 +67,11 @@ def build_backend(cfg: Any) -> tuple[Backend, dict]:
     from nemo_upcycle.evaluation.backends import MegatronBackend, load_checkpoint
     from nemo_upcycle.model.modeling import build_model_chunks
     from nemo_upcycle.platform.distributed import setup_parallel
-
     from nemo_upcycle.platform.launcher_env import read_launch_env
+    from nemo_upcycle.util.ports import single_process_rendezvous
 
-    if read_launch_env().launcher == "single" and "MASTER_PORT" not in os.environ:
-        # A single process needs no fixed port; a fixed one collides with other runs.
-        from nemo_upcycle.util.ports import free_port
-
-        os.environ["MASTER_PORT"] = str(free_port())
+    if read_launch_env().launcher == "single":
+        single_process_rendezvous()  # a fixed port would collide with other runs
     par = cfg.parallel
     layout = {k: getattr(par, k) for k in ("tp", "pp", "vpp", "ep", "etp", "sp", "cp")}
     if cfg.eval.checkpoint:

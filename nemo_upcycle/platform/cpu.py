@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections import Counter
 from typing import Any
 
 import torch
@@ -33,17 +32,10 @@ from torch.overrides import TorchFunctionMode
 log = logging.getLogger(__name__)
 
 _ENABLED = False
-# Call sites rewritten by the device mode, by function name: kept so that tests and
-# `nemo_upcycle.platform.cpu.rewrite_report()` show exactly what was redirected.
-REWRITES: Counter = Counter()
 
 
 def gpu_available() -> bool:
     return torch.cuda.is_available()
-
-
-def cpu_support_enabled() -> bool:
-    return _ENABLED
 
 
 def enable_cpu_support() -> bool:
@@ -266,30 +258,19 @@ def _is_cuda(device: Any) -> bool:
 
 
 class _CudaLiteralsToCpu(TorchFunctionMode):
-    """Rewrites requests for CUDA memory into CPU ones, and logs each rewritten call."""
+    """Rewrites requests for CUDA memory into CPU ones."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is torch.Tensor.cuda:
-            REWRITES[func.__name__] += 1
-            return args[0]
-        if func is torch.Tensor.pin_memory:
-            REWRITES[func.__name__] += 1
+        if func is torch.Tensor.cuda or func is torch.Tensor.pin_memory:
             return args[0]
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
             name = func(*args)
             return name.replace("torch.", "torch.cuda.", 1) if "cuda" not in name else name
         if "device" in kwargs and _is_cuda(kwargs["device"]):
-            REWRITES[getattr(func, "__name__", str(func))] += 1
             kwargs = {**kwargs, "device": "cpu"}
         if kwargs.get("pin_memory"):
             kwargs = {**kwargs, "pin_memory": False}
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
-            REWRITES["to"] += 1
             args = (args[0], "cpu", *args[2:])
         return func(*args, **kwargs)
-
-
-def rewrite_report() -> dict[str, int]:
-    """How many CUDA requests were redirected to the CPU, by torch function."""
-    return dict(REWRITES)

@@ -2,11 +2,14 @@
 
 Everything is written to TensorBoard (NeMo's logger), to ``<log_dir>/metrics.jsonl`` (one
 line per step, read by the ablation runner and the demo) and, every
-``trainer.log_every_n_steps``, to the console.
+``trainer.log_every_n_steps``, to the console by rank 0: the job's progress line
+(``step 3/40 | loss ... | eta 1m05s``). :class:`CheckpointMessages` says when a checkpoint is
+complete.
 """
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -14,9 +17,12 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
+from lightning.pytorch.loggers import Logger
 
 from nemo_upcycle.metrics.router_stats import RouterStatsCollector, uniform_entropy
 from nemo_upcycle.upcycle.spec import UpcycleSpec
+
+log = logging.getLogger(__name__)
 
 
 def peak_flops_per_device(override_tflops: Optional[float]) -> Optional[float]:
@@ -54,6 +60,7 @@ class UpcycleMetrics(pl.Callback):
         self.load_history: list[list[float]] = []
         self._collector: Optional[RouterStatsCollector] = None
         self._started = 0.0
+        self._first_step_done: Optional[tuple[int, float]] = None  # (step, time): for the ETA
         # The latest step's record, router statistics summed over ranks (read by guards.py).
         self.last_record: dict[str, Any] = {}
 
@@ -139,8 +146,15 @@ class UpcycleMetrics(pl.Callback):
         summary = {k: v for k, v in record.items() if not k.startswith("router/")}
         with open(self.log_dir / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps(summary) + "\n")
-        if record["step"] % max(1, self.cfg.trainer.log_every_n_steps) == 0:
-            print(console_line(record), flush=True)
+        now, total = time.perf_counter(), trainer.max_steps
+        if self._first_step_done is None:
+            self._first_step_done = (record["step"], now)
+        if record["step"] % max(1, self.cfg.trainer.log_every_n_steps) == 0 or record["step"] == total:
+            first, since = self._first_step_done
+            eta = None
+            if total and total > 0 and record["step"] > first:  # wall time per step, validation and saves included
+                eta = (now - since) / (record["step"] - first) * (total - record["step"])
+            print(console_line(record, total, eta), flush=True)
 
 
 _CONSOLE_FIELDS = (
@@ -150,10 +164,49 @@ _CONSOLE_FIELDS = (
 )
 
 
-def console_line(record: dict) -> str:
-    parts = [f"step {record['step']}"]
+def console_line(record: dict, total: Optional[int] = None, eta_s: Optional[float] = None) -> str:
+    parts = [f"step {record['step']}" + (f"/{total}" if total and total > 0 else "")]
     parts += [fmt.format(record[key]) for key, fmt in _CONSOLE_FIELDS if record.get(key) is not None]
+    if eta_s is not None:
+        parts.append(f"eta {_duration(eta_s)}")
     return " | ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class CheckpointMessages(Logger):
+    """Says on the console when a checkpoint is complete, and where it is.
+
+    A Lightning logger that only listens to ``after_save_checkpoint``: Lightning (NeMo's
+    ModelCheckpoint) calls it on rank 0 once a save is finalized, after the last byte of an
+    asynchronous save too. NeMo's own save messages go to the log file.
+    """
+
+    @property
+    def name(self) -> str:
+        return "checkpoint_messages"
+
+    @property
+    def version(self) -> str:
+        return ""
+
+    def log_metrics(self, metrics, step=None) -> None:
+        pass
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def after_save_checkpoint(self, checkpoint_callback) -> None:
+        path = str(getattr(checkpoint_callback, "last_model_path", "") or "")
+        if path:
+            log.info("checkpoint saved: %s", path.removesuffix(".ckpt"))
 
 
 def _aux_losses() -> dict:

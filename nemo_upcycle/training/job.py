@@ -51,6 +51,8 @@ def build_trainer(cfg: Any, callbacks: list):
     import nemo.lightning as nl
     from megatron.core.distributed import DistributedDataParallelConfig
 
+    from nemo_upcycle.training.callbacks import CheckpointMessages
+
     par, tr = cfg.parallel, cfg.trainer
     launch = read_launch_env()
     nodes = max(1, launch.world_size // max(1, int(_local_world_size())))
@@ -87,7 +89,7 @@ def build_trainer(cfg: Any, callbacks: list):
         filename="{reduced_train_loss:.2f}-{step}-{consumed_samples}",
         save_optim_on_train_end=True,
     )
-    precision = nl.MegatronMixedPrecision(precision="bf16-mixed") if _bf16(cfg) else None
+    precision = nl.MegatronMixedPrecision(precision="bf16-mixed") if trains_in_bf16(cfg) else None
     trainer = nl.Trainer(
         accelerator="gpu" if gpu_available() else "cpu",
         devices=int(_local_world_size()),
@@ -103,16 +105,20 @@ def build_trainer(cfg: Any, callbacks: list):
         use_distributed_sampler=False,
         callbacks=[c for c in (checkpoint, *callbacks) if c is not None],
         enable_checkpointing=checkpoint is not None,
+        # NeMo swaps Lightning's progress bar for its ProgressPrinter ("Training epoch 0,
+        # iteration ..."), a second step line beside the project's: kept for verbose=true only.
+        enable_progress_bar=bool(cfg.verbose),
     )
     logger = nl.NeMoLogger(
         log_dir=str(cfg.log_dir), name=RUN_NAME, use_datetime_version=False, version=None,
         ckpt=checkpoint, update_logger_directory=False,
         tensorboard=_tensorboard(cfg),
+        extra_loggers=[] if checkpoint is None else [CheckpointMessages()],
     )
     return trainer, logger
 
 
-def _bf16(cfg: Any) -> bool:
+def trains_in_bf16(cfg: Any) -> bool:
     return cfg.trainer.precision == "bf16" or (cfg.trainer.precision == "auto" and gpu_available())
 
 
@@ -142,7 +148,7 @@ def build_optimizer(cfg: Any):
         adam_beta1=0.9,
         adam_beta2=0.95,
         clip_grad=tr.clip_grad,
-        bf16=_bf16(cfg),
+        bf16=trains_in_bf16(cfg),
         use_distributed_optimizer=tr.distributed_optimizer,
     )
     sched = CosineAnnealingScheduler(
@@ -172,10 +178,16 @@ def build_data(cfg: Any, tokenizer, paths: list):
 
 def run_training(cfg: Any) -> dict:
     """Upcycle (first launch) or resume, then train. Returns a summary on every rank."""
+    import nemo.utils  # noqa: F401  (NeMo's logger and its console handlers exist from here)
+
+    from nemo_upcycle.platform.console import adopt_library_handlers
+
+    adopt_library_handlers()  # before importing the rest of NeMo, which logs while it loads
     from nemo.collections import llm
     from nemo.lightning import AutoResume
 
-    from nemo_upcycle.checkpoint.dense_source import open_dense_source, tokenizer_folder
+    from nemo_upcycle.checkpoint.dense_source import open_dense_source
+    from nemo_upcycle.checkpoint.tokenizer_files import tokenizer_folder
     from nemo_upcycle.checkpoint.tokenizer_files import tokenizer_only_folder
     from nemo_upcycle.data.prepare import resolve_data_paths
     from nemo_upcycle.training.callbacks import UpcycleMetrics
@@ -205,10 +217,29 @@ def run_training(cfg: Any) -> dict:
     resume = AutoResume(resume_if_exists=True, resume_ignore_no_checkpoint=True,
                         resume_from_directory=str(checkpoint_dir(cfg)))
     llm.train(model=model, data=data, trainer=trainer, log=logger, resume=resume, tokenizer=None)
-    summary = {"resumed_from": str(resume_from) if resume_from else None, "upcycled": upcycle_from is not None}
+    summary = {"resumed_from": str(resume_from) if resume_from else None, "upcycled": upcycle_from is not None,
+               "steps": trainer.global_step, "loss": metrics.last_record.get("loss"),
+               "checkpoint": resumable_checkpoint(cfg) if trainer.checkpoint_callback is not None else None}
     if cfg.eval.after_training:
         from nemo_upcycle.evaluation.after_training import evaluate_trained_model
 
         result = evaluate_trained_model(cfg, model, tokenizer_path, trainer.loggers, trainer.global_step)
         summary.update(mmlu_acc=result["mmlu_acc"], ppl=result["ppl"])
     return summary
+
+
+def finished_line(summary: dict, log_file) -> str:
+    """The job's last line: what was trained, the final loss, the checkpoint and the logs."""
+    how = (f"resumed from {summary['resumed_from']}" if summary.get("resumed_from")
+           else "first launch: upcycled" if summary.get("upcycled") else "")
+    parts = [f"{summary.get('steps', '?')} steps" + (f" ({how})" if how else "")]
+    if summary.get("loss") is not None:
+        parts.append(f"final loss {summary['loss']:.4f}")
+    for key, label in (("mmlu_acc", "MMLU acc {:.4f}"), ("ppl", "held-out ppl {:.3f}")):
+        if summary.get(key) is not None:
+            parts.append(label.format(summary[key]))
+    if summary.get("checkpoint"):
+        parts.append(f"checkpoint {summary['checkpoint']}")
+    if log_file is not None:
+        parts.append(f"library logs {log_file.parent}/rank*.log")
+    return "training finished: " + ", ".join(parts)

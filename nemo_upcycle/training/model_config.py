@@ -18,7 +18,11 @@ from nemo_upcycle.model.rope_scaling import apply_rope_scaling
 
 
 def upcycle_layer_spec(config: "UpcycleGPTConfig", vp_stage: Optional[int] = None):
-    """Transformer Engine spec when present, megatron-core local spec on CPU."""
+    """Transformer Engine spec when present, megatron-core local spec on CPU.
+
+    Not dead: NeMo records this callable by its import path in every checkpoint's context
+    (``context/io.json``), so resuming or loading a saved run needs this name to exist.
+    """
     return layer_spec(config, vp_stage)
 
 

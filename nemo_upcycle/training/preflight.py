@@ -62,11 +62,11 @@ def checkpoint_weight_bytes(cfg: Any) -> int:
     replicas), in the training dtype, plus 8 bytes of Adam moments and, for 16-bit weights,
     a 4-byte fp32 master copy: 12 bytes per parameter on CPU (fp32), 14 with bf16.
     """
-    from nemo_upcycle.training.job import _bf16
+    from nemo_upcycle.training.job import trains_in_bf16
     from nemo_upcycle.capacity.memory import Precision
     from nemo_upcycle.capacity.params import model_params
 
-    precision = Precision(param_bytes=2 if _bf16(cfg) else 4)
+    precision = Precision(param_bytes=2 if trains_in_bf16(cfg) else 4)
     return model_params(cfg).total * (precision.param_bytes + precision.optimizer_bytes)
 
 
@@ -84,12 +84,10 @@ def checkpoint_bytes(cfg: Any) -> int:
     NeMo's ``context/`` copies the whole tokenizer folder into every checkpoint (for the
     embedded SmolLM2 that folder also holds the 538 MB dense safetensors), so it counts too.
     """
-    from nemo_upcycle.checkpoint.dense_source import tokenizer_folder
-    from nemo_upcycle.checkpoint.tokenizer_files import tokenizer_files
+    from nemo_upcycle.checkpoint.tokenizer_files import tokenizer_files, tokenizer_folder
 
     # NeMo is handed the tokenizer files alone (nemo_upcycle.checkpoint.tokenizer_files).
-    folder = tokenizer_folder(cfg, import_embedded=False)
-    tokenizer = sum(f.stat().st_size for f in tokenizer_files(folder)) if folder and folder.is_dir() else 0
+    tokenizer = sum(f.stat().st_size for f in tokenizer_files(tokenizer_folder(cfg, import_embedded=False)))
     return checkpoint_weight_bytes(cfg) + tokenizer
 
 
@@ -137,7 +135,7 @@ def _params(cfg: Any) -> str:
 
 
 def check_tokenizer(cfg: Any) -> None:
-    from nemo_upcycle.checkpoint.dense_source import tokenizer_folder
+    from nemo_upcycle.checkpoint.tokenizer_files import tokenizer_folder
 
     if tokenizer_folder(cfg, import_embedded=False) is None:
         raise PreflightError(

@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 log = logging.getLogger(__name__)
 
+
 def upcycle_chunk(chunk, job_cfg: Any, dense_checkpoint: Optional[str]) -> Optional[dict]:
     """Fill ``chunk`` from the dense checkpoint, unless there is none to read (resume).
 

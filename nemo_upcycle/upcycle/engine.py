@@ -7,11 +7,14 @@ from typing import Any
 
 import torch
 
-from nemo_upcycle.upcycle import scaling, symmetry
+from nemo_upcycle.upcycle import symmetry
 from nemo_upcycle.upcycle.errors import UpcycleError
-from nemo_upcycle.upcycle.plan import PlanEntry, UpcyclePlan, build_plan
+from nemo_upcycle.upcycle.local_model import RankCoordinates
+from nemo_upcycle.upcycle.plan import PlanEntry, UpcyclePlan, plan_upcycle
 from nemo_upcycle.upcycle.router_init import router_weights
 from nemo_upcycle.upcycle.sources import DenseSource, SliceRequest
+from nemo_upcycle.upcycle.spec import UpcycleSpec
+from nemo_upcycle.upcycle.walk_megatron import describe_chunks
 
 
 @dataclass
@@ -57,7 +60,8 @@ def _expert_entries(plan: UpcyclePlan) -> list[PlanEntry]:
 def upcycle_from_dense(chunks: list, cfg: Any, source: DenseSource) -> UpcycleReport:
     """Fill this rank's model chunks from ``source``. No collective is issued."""
     started = time.perf_counter()
-    plan = build_plan(chunks, cfg, source.tensor_shapes())
+    spec, rank = UpcycleSpec.of(cfg), RankCoordinates.current()
+    plan = plan_upcycle(describe_chunks(chunks), rank, spec, source.tensor_shapes())
     tensors = named_tensors(chunks)
     # Models built for upcycling skip megatron's random init (perform_initialization=False:
     # every value is written here), so a parameter the plan missed would hold garbage.
@@ -69,20 +73,17 @@ def upcycle_from_dense(chunks: list, cfg: Any, source: DenseSource) -> UpcycleRe
         copies = plan.by_kind("copy")
         for entry in copies:
             tensors[entry.target].data.copy_(tensors[entry.copy_from].data)
-        f1, f2 = scaling.scale_factors(cfg)
+        f1, f2 = spec.scale_factors()
         reinitialised = 0
-        if cfg.moe.num_experts > 0:
+        if spec.is_moe:
             for entry in _expert_entries(plan):
                 factor = f1 if entry.role == "fc1" else f2
                 if factor != 1.0:
                     tensors[entry.target].data.mul_(factor)
-            reinitialised = _break_symmetry(plan, tensors, cfg)
+            reinitialised = _break_symmetry(plan, tensors, cfg, spec, rank)
         routers = plan.by_kind("router")
         for entry in routers:
-            weight = router_weights(
-                cfg.seed, entry.layer, cfg.moe.num_experts, cfg.moe.granularity,
-                cfg.model.hidden_size, cfg.router.init_std,
-            )
+            weight = router_weights(cfg.seed, entry.layer, spec, cfg.router.init_std)
             tensors[entry.target].data.copy_(weight)
     return UpcycleReport(
         bytes_read=stats.bytes_read,
@@ -92,23 +93,22 @@ def upcycle_from_dense(chunks: list, cfg: Any, source: DenseSource) -> UpcycleRe
         expert_copies=len(copies),
         routers_initialised=len(routers),
         channels_reinitialised=reinitialised,
-        scaling=scaling.scaling_mode(cfg),
+        scaling=spec.scaling_mode(),
         seconds=time.perf_counter() - started,
     )
 
 
-def _break_symmetry(plan: UpcyclePlan, tensors: dict[str, torch.Tensor], cfg: Any) -> int:
+def _break_symmetry(plan: UpcyclePlan, tensors: dict[str, torch.Tensor], cfg: Any,
+                    spec: UpcycleSpec, rank: RankCoordinates) -> int:
     moe = cfg.moe
     if not moe.expert_noise_std and not moe.drop_upcycling_ratio:
         return 0
-    from megatron.core import parallel_state
-
-    etp_rank = parallel_state.get_expert_tensor_parallel_rank()
+    etp_rank = rank.etp_rank
     reinitialised = 0
     pairs: dict[tuple[int, int], dict[str, PlanEntry]] = {}
     for entry in _expert_entries(plan):
         pairs.setdefault((entry.layer, entry.expert), {})[entry.role] = entry
-    expert_width = cfg.model.ffn_hidden_size // moe.granularity
+    expert_width = spec.expert_ffn_hidden_size
     for (layer, expert), roles in sorted(pairs.items()):
         fc1, fc2 = tensors[roles["fc1"].target].data, tensors[roles["fc2"].target].data
         local_width = fc2.shape[1]

@@ -1,8 +1,10 @@
 """The upcycle plan: where every tensor of this rank's MoE model comes from.
 
-A pure description, computed from the MoE model chunk(s) this rank built and the
-dense checkpoint's *metadata* (tensor names and global shapes), before any weight is
-read. Each entry says, for one local tensor:
+A pure description, computed from a plain-data description of the MoE model chunk(s)
+this rank built (:mod:`~nemo_upcycle.upcycle.local_model`), the rank's coordinates, the
+:class:`~nemo_upcycle.upcycle.spec.UpcycleSpec` and the dense checkpoint's *metadata*
+(tensor names and global shapes), before any weight is read. Each entry says, for one
+local tensor:
 
 * ``dense``: the same tensor of the dense model (attention, norms, embeddings, output
   layer, and the FFNs of layers that stay dense): the slice of the dense tensor this
@@ -14,22 +16,28 @@ read. Each entry says, for one local tensor:
 * ``copy``: another local expert needs the same slice: copied in memory after the read;
 * ``router``: initialised, not read.
 
-Keys are matched to the checkpoint whether it stores layers stacked
-(``decoder.layers.mlp.linear_fc1.weight`` of shape (L, ...)) or one key per layer
-(``decoder.layers.3.mlp...``), and with or without NeMo 2's ``module.`` prefix.
+Keys are matched to the checkpoint by :class:`~nemo_upcycle.upcycle.dense_keys.DenseKeyResolver`
+(stacked or per-layer keys, with or without NeMo 2's ``module.`` prefix).
+:func:`plan_upcycle` is the planner; :func:`build_plan` feeds it from megatron-core chunks.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Mapping, Optional, Sequence
 
-import torch
-
+from nemo_upcycle.checkpoint.hf_llama import FC1, FC2, parse_megatron_key
+from nemo_upcycle.upcycle.dense_keys import DenseKeyResolver
 from nemo_upcycle.upcycle.errors import DenseCheckpointMismatch
-
-_LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
-_STACKED_PREFIX = "decoder.layers."
+from nemo_upcycle.upcycle.local_model import (
+    ChunkDescription,
+    DenseFfn,
+    Ffn,
+    MoeFfn,
+    RankCoordinates,
+    StateTensor,
+)
+from nemo_upcycle.upcycle.spec import UpcycleSpec
+from nemo_upcycle.upcycle.walk_megatron import describe_chunks
 
 
 @dataclass(frozen=True)
@@ -84,79 +92,64 @@ class UpcyclePlan:
     def elements_requested(self) -> int:
         return sum(s.numel for s in self.dense_slices())
 
-    def summary(self) -> dict:
-        kinds = {}
-        for e in self.entries:
-            kinds[e.kind] = kinds.get(e.kind, 0) + 1
-        return {"entries": kinds, "elements_requested": self.elements_requested()}
+
+@dataclass(frozen=True)
+class FfnKeys:
+    """Where the dense FFN of one layer is stored in the checkpoint."""
+
+    fc1: str
+    fc2: str
+    lead: tuple[int, ...]  # leading offsets: (layer,) for stacked keys, () per layer
+    stacked: bool  # the keys have a layer axis the targets lack
 
 
-class DenseKeyResolver:
-    """Maps (layer, name) of the model to the dense checkpoint's key and offset prefix."""
-
-    def __init__(self, dense_shapes: dict[str, tuple[int, ...]], num_layers: Optional[int]):
-        self.shapes = dense_shapes
-        self.num_layers = num_layers  # None: not known yet (reading the architecture)
-        self.prefix = "module." if any(k.startswith("module.") for k in dense_shapes) else ""
-
-    def has(self, layer: Optional[int], name: str) -> bool:
-        try:
-            self.resolve(layer, name)
-        except DenseCheckpointMismatch:
-            return False
-        return True
-
-    def layer_count(self, name: str) -> int:
-        """How many layers hold ``name`` (stacked: the leading axis; else the per-layer keys)."""
-        stacked = f"{self.prefix}{_STACKED_PREFIX}{name}"
-        if stacked in self.shapes:
-            return self.shapes[stacked][0]
-        pattern = re.compile(rf"^{re.escape(self.prefix + _STACKED_PREFIX)}(\d+)\.{re.escape(name)}$")
-        layers = {int(m.group(1)) for k in self.shapes if (m := pattern.match(k))}
-        if not layers:
-            raise DenseCheckpointMismatch(f"the dense checkpoint has no tensor {name!r} in any layer")
-        return max(layers) + 1
-
-    def resolve(self, layer: Optional[int], name: str) -> tuple[str, tuple[int, ...], bool]:
-        """(checkpoint key, leading offsets, whether that key has a stacked layer axis)."""
-        if layer is None:
-            key = self.prefix + name
-            if key in self.shapes:
-                return key, (), False
-            raise DenseCheckpointMismatch(f"the dense checkpoint has no tensor {key!r}")
-        stacked = f"{self.prefix}{_STACKED_PREFIX}{name}"
-        if stacked in self.shapes:
-            rows = self.shapes[stacked][0]
-            if self.num_layers is not None and rows != self.num_layers:
-                raise DenseCheckpointMismatch(
-                    f"the dense checkpoint has {rows} layers ({stacked} has shape "
-                    f"{list(self.shapes[stacked])}) but model.num_layers={self.num_layers}"
-                )
-            return stacked, (layer,), True
-        per_layer = f"{self.prefix}{_STACKED_PREFIX}{layer}.{name}"
-        if per_layer in self.shapes:
-            return per_layer, (), False
-        raise DenseCheckpointMismatch(
-            f"the dense checkpoint has no tensor for layer {layer} {name!r} "
-            f"(looked for {stacked!r} and {per_layer!r})"
-        )
-
-    def dense_shape(self, layer: Optional[int], name: str) -> tuple[int, ...]:
-        key, lead, stacked = self.resolve(layer, name)
-        shape = self.shapes[key]
-        return shape[1:] if stacked else shape
+def ffn_keys(resolver: DenseKeyResolver, layer: int) -> FfnKeys:
+    fc1, lead, stacked = resolver.resolve(layer, FC1)
+    fc2, _, _ = resolver.resolve(layer, FC2)
+    return FfnKeys(fc1, fc2, lead, stacked)
 
 
-def _canonical(sh_ten) -> tuple[Optional[int], str, tuple[int, ...]]:
-    """(global layer, name within the layer, offsets within the layer's tensor)."""
-    key = sh_ten.key
-    match = _LAYER_KEY.match(key)
-    if match:
-        return int(match.group(1)), match.group(2), tuple(sh_ten.global_offset)
-    if key.startswith(_STACKED_PREFIX) and sh_ten.prepend_axis_num >= 1:
-        offsets = tuple(sh_ten.global_offset)
-        return offsets[0], key[len(_STACKED_PREFIX):], offsets[1:]
-    return None, key, tuple(sh_ten.global_offset)
+def ffn_pieces(
+    keys: FfnKeys,
+    *,
+    ffn_hidden: int,
+    hidden: int,
+    granularity: int,
+    ffn_slice: int,
+    tp_rank: int,
+    tp_size: int,
+) -> tuple[list[Piece], list[Piece]]:
+    """Dense slices of one (expert) FFN shard: (fc1 pieces, fc2 pieces).
+
+    megatron-core stores a SwiGLU fc1 as [gate (F rows); up (F rows)] and gives each of the
+    ``tp_size`` ranks [gate_r; up_r]. Expert slice ``s`` of width F/G takes rows
+    ``s*F/G ...`` of gate and of up, and the same columns of fc2. ``tp_*`` is whichever
+    group splits this FFN: tensor parallelism for a dense FFN, expert-TP for experts.
+    """
+    width = ffn_hidden // granularity // tp_size
+    base = ffn_slice * (ffn_hidden // granularity) + tp_rank * width
+    lead, squeeze = keys.lead, keys.stacked
+    one = (1,) * len(lead)
+    if granularity == 1 and tp_size == 1:
+        fc1 = [Piece(DenseSlice(keys.fc1, lead + (0, 0), one + (2 * width, hidden)), 0, squeeze)]
+    else:
+        fc1 = [
+            Piece(DenseSlice(keys.fc1, lead + (base, 0), one + (width, hidden)), 0, squeeze),
+            Piece(DenseSlice(keys.fc1, lead + (ffn_hidden + base, 0), one + (width, hidden)), width, squeeze),
+        ]
+    fc2 = [Piece(DenseSlice(keys.fc2, lead + (0, base), one + (hidden, width)), 0, squeeze)]
+    return fc1, fc2
+
+
+def canonical_name(tensor: StateTensor) -> tuple[Optional[int], str, tuple[int, ...]]:
+    """(global layer, name within the layer, offsets within the layer's tensor) of a sharded tensor."""
+    name, stacked, layer = parse_megatron_key(tensor.key)
+    offsets = tuple(tensor.global_offset)
+    if layer >= 0:
+        return layer, name, offsets
+    if stacked and tensor.prepend_axis_num >= 1:
+        return offsets[0], name, offsets[1:]
+    return None, tensor.key, offsets
 
 
 def _is_ffn_or_router(name: str) -> bool:
@@ -166,168 +159,97 @@ def _is_ffn_or_router(name: str) -> bool:
     return not name.endswith("layer_norm_weight") and not name.endswith("layer_norm_bias")
 
 
-def ffn_pieces(
-    layer_lead: tuple[int, ...],
-    squeeze: bool,
-    fc1_key: str,
-    fc2_key: str,
-    ffn_hidden: int,
-    hidden: int,
-    granularity: int,
-    ffn_slice: int,
-    tp_rank: int,
-    tp_size: int,
-) -> tuple[list[Piece], list[Piece]]:
-    """Dense slices of one (expert) FFN shard.
+def plan_upcycle(
+    chunks: Sequence[ChunkDescription],
+    rank: RankCoordinates,
+    spec: UpcycleSpec,
+    dense_shapes: Mapping[str, tuple[int, ...]],
+) -> UpcyclePlan:
+    """Plan every tensor of this rank's model chunks (MoE or dense) from the dense checkpoint.
 
-    megatron-core stores a SwiGLU fc1 as [gate (F rows); up (F rows)] and gives each of the
-    ``tp_size`` ranks [gate_r; up_r]. Expert slice ``s`` of width F/G takes rows
-    ``s*F/G ...`` of gate and of up, and the same columns of fc2.
+    Pure: plain data in, plan out. Targets are named ``"<chunk index>/<parameter name>"``.
     """
-    width = ffn_hidden // granularity // tp_size
-    base = ffn_slice * (ffn_hidden // granularity) + tp_rank * width
-    one = (1,) * len(layer_lead)
-    if granularity == 1 and tp_size == 1:
-        fc1 = [Piece(DenseSlice(fc1_key, layer_lead + (0, 0), one + (2 * width, hidden)), 0, squeeze)]
-    else:
-        fc1 = [
-            Piece(DenseSlice(fc1_key, layer_lead + (base, 0), one + (width, hidden)), 0, squeeze),
-            Piece(DenseSlice(fc1_key, layer_lead + (ffn_hidden + base, 0), one + (width, hidden)), width, squeeze),
-        ]
-    fc2 = [Piece(DenseSlice(fc2_key, layer_lead + (0, base), one + (hidden, width)), 0, squeeze)]
-    return fc1, fc2
-
-
-def local_expert_weights(experts) -> list[tuple[str, torch.Tensor, str, torch.Tensor]]:
-    """(fc1 name, fc1 [2F_local, H], fc2 name, fc2 [H, F_local]) per local expert.
-
-    Supports megatron-core's SequentialMLP (local spec) and TEGroupedMLP (TE + grouped GEMM).
-    """
-    if hasattr(experts, "local_experts"):
-        return [
-            (
-                f"local_experts.{i}.linear_fc1.weight",
-                mlp.linear_fc1.weight,
-                f"local_experts.{i}.linear_fc2.weight",
-                mlp.linear_fc2.weight,
-            )
-            for i, mlp in enumerate(experts.local_experts)
-        ]
-    if hasattr(experts.linear_fc1, "weight0"):
-        return [
-            (
-                f"linear_fc1.weight{i}",
-                getattr(experts.linear_fc1, f"weight{i}"),
-                f"linear_fc2.weight{i}",
-                getattr(experts.linear_fc2, f"weight{i}"),
-            )
-            for i in range(experts.num_local_experts)
-        ]
-    raise NotImplementedError(
-        f"unsupported experts module {type(experts).__name__}: use SequentialMLP (local spec) "
-        "or TEGroupedMLP (moe_grouped_gemm with Transformer Engine)"
-    )
-
-
-def build_plan(chunks: list, cfg, dense_shapes: dict[str, tuple[int, ...]]) -> UpcyclePlan:
-    """Plan every tensor of this rank's model chunks (MoE or dense) from the dense checkpoint."""
-    from megatron.core import parallel_state
-    from megatron.core.dist_checkpointing import ShardedTensor
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
-
-    model = cfg.model
-    granularity = cfg.moe.granularity if cfg.moe.num_experts > 0 else 1
-    resolver = DenseKeyResolver(dense_shapes, model.num_layers)
+    resolver = DenseKeyResolver(dense_shapes, spec.num_layers)
     entries: list[PlanEntry] = []
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    etp_rank = parallel_state.get_expert_tensor_parallel_rank()
-    etp_size = parallel_state.get_expert_tensor_parallel_world_size()
-
     for c, chunk in enumerate(chunks):
-        names = {p.data_ptr(): n for n, p in chunk.named_parameters()}
-        for sh in nested_values(chunk.sharded_state_dict()):
-            if not isinstance(sh, (ShardedTensor, ShardedTensorFactory)):
-                continue  # ShardedObjects: TE/FP8 extra state, rebuilt at step 0
-            layer, name, offsets = _canonical(sh) if isinstance(sh, ShardedTensor) else (None, sh.key, ())
-            if isinstance(sh, ShardedTensorFactory):
-                match = _LAYER_KEY.match(sh.key)
-                inner = match.group(2) if match else sh.key[len(_STACKED_PREFIX):]
-                if _is_ffn_or_router(inner):
-                    continue
-                raise NotImplementedError(f"unexpected sharded tensor factory {sh.key}")
-            if _is_ffn_or_router(name):
-                continue
-            key, lead, stacked = resolver.resolve(layer, name)
-            want = tuple(sh.global_shape[sh.prepend_axis_num:]) if stacked or sh.prepend_axis_num == 0 else tuple(sh.global_shape)
-            have = resolver.dense_shape(layer, name)
-            if tuple(have) != tuple(want[-len(have):]) or len(have) != len(sh.local_shape):
-                raise DenseCheckpointMismatch(
-                    f"{key}: the dense checkpoint's shape {list(have)} does not match the "
-                    f"model's {list(want)}; check model.* (hidden size, heads, vocab) against "
-                    "the checkpoint"
-                )
-            shape = tuple(sh.local_shape)
-            lead_shape = (1,) * len(lead)
-            target = names.get(sh.data.data_ptr())
-            if target is None:
-                raise RuntimeError(f"no parameter of chunk {c} backs sharded tensor {sh.key}")
-            entries.append(
-                PlanEntry(
-                    target=f"{c}/{target}",
-                    kind="dense",
-                    shape=shape,
-                    pieces=[Piece(DenseSlice(key, lead + offsets, lead_shape + shape), 0, bool(lead))],
-                    layer=layer,
-                )
-            )
-
-        # One walk of the module tree per chunk (a walk per layer is quadratic in depth).
-        module_names = {id(m): n for n, m in chunk.named_modules()}
-        for layer_module in chunk.decoder.layers:
-            layer = layer_module.layer_number - 1
-            mlp = layer_module.mlp
-            prefix = f"{c}/" + _module_name(module_names, mlp)
-            fc1_key, lead, stacked = resolver.resolve(layer, "mlp.linear_fc1.weight")
-            fc2_key, _, _ = resolver.resolve(layer, "mlp.linear_fc2.weight")
-            fc1_dense = resolver.dense_shape(layer, "mlp.linear_fc1.weight")
-            if fc1_dense != (2 * model.ffn_hidden_size, model.hidden_size):
-                raise DenseCheckpointMismatch(
-                    f"{fc1_key}: dense FFN fc1 has shape {list(fc1_dense)} per layer, expected "
-                    f"[2*ffn_hidden_size, hidden_size] = [{2 * model.ffn_hidden_size}, "
-                    f"{model.hidden_size}]; check model.ffn_hidden_size/hidden_size"
-                )
-            if not hasattr(mlp, "router"):
-                fc1, fc2 = ffn_pieces(lead, stacked, fc1_key, fc2_key, model.ffn_hidden_size,
-                                      model.hidden_size, 1, 0, tp_rank, tp_size)
-                entries.append(PlanEntry(f"{prefix}.linear_fc1.weight", "dense",
-                                         tuple(mlp.linear_fc1.weight.shape), fc1, layer=layer, role="fc1"))
-                entries.append(PlanEntry(f"{prefix}.linear_fc2.weight", "dense",
-                                         tuple(mlp.linear_fc2.weight.shape), fc2, layer=layer, role="fc2"))
-                continue
-            entries.append(PlanEntry(f"{prefix}.router.weight", "router",
-                                     tuple(mlp.router.weight.shape), layer=layer))
-            first_reader: dict[int, tuple[str, str]] = {}
-            for local_idx, (n1, w1, n2, w2) in enumerate(local_expert_weights(mlp.experts)):
-                expert = mlp.local_expert_indices[local_idx]
-                ffn_slice = expert % granularity
-                t1, t2 = f"{prefix}.experts.{n1}", f"{prefix}.experts.{n2}"
-                common = dict(layer=layer, expert=expert, ffn_slice=ffn_slice)
-                if ffn_slice in first_reader:
-                    src1, src2 = first_reader[ffn_slice]
-                    entries.append(PlanEntry(t1, "copy", tuple(w1.shape), copy_from=src1, role="fc1", **common))
-                    entries.append(PlanEntry(t2, "copy", tuple(w2.shape), copy_from=src2, role="fc2", **common))
-                    continue
-                first_reader[ffn_slice] = (t1, t2)
-                fc1, fc2 = ffn_pieces(lead, stacked, fc1_key, fc2_key, model.ffn_hidden_size,
-                                      model.hidden_size, granularity, ffn_slice, etp_rank, etp_size)
-                entries.append(PlanEntry(t1, "expert", tuple(w1.shape), fc1, role="fc1", **common))
-                entries.append(PlanEntry(t2, "expert", tuple(w2.shape), fc2, role="fc2", **common))
+        for key in chunk.factory_keys:
+            if not _is_ffn_or_router(parse_megatron_key(key)[0]):
+                raise NotImplementedError(f"unexpected sharded tensor factory {key}")
+        for tensor in chunk.state:
+            entry = _state_entry(c, tensor, resolver)
+            if entry is not None:
+                entries.append(entry)
+        for ffn in chunk.ffns:
+            entries += _ffn_entries(c, ffn, resolver, spec, rank)
     return UpcyclePlan(entries)
 
 
-def _module_name(names: dict[int, str], module: torch.nn.Module) -> str:
-    if id(module) in names:
-        return names[id(module)]
-    raise KeyError(f"{type(module).__name__} is not part of the model chunk")
+def _state_entry(c: int, tensor: StateTensor, resolver: DenseKeyResolver) -> Optional[PlanEntry]:
+    """The dense slice behind one non-FFN tensor of the state dict (None for FFN tensors)."""
+    layer, name, offsets = canonical_name(tensor)
+    if _is_ffn_or_router(name):
+        return None
+    key, lead, stacked = resolver.resolve(layer, name)
+    prepend = tensor.prepend_axis_num
+    want = tuple(tensor.global_shape[prepend:]) if stacked or prepend == 0 else tuple(tensor.global_shape)
+    have = resolver.dense_shape(layer, name)
+    if tuple(have) != tuple(want[-len(have):]) or len(have) != len(tensor.local_shape):
+        raise DenseCheckpointMismatch(
+            f"{key}: the dense checkpoint's shape {list(have)} does not match the "
+            f"model's {list(want)}; check model.* (hidden size, heads, vocab) against "
+            "the checkpoint"
+        )
+    if tensor.parameter is None:
+        raise RuntimeError(f"no parameter of chunk {c} backs sharded tensor {tensor.key}")
+    shape = tuple(tensor.local_shape)
+    piece = Piece(DenseSlice(key, lead + offsets, (1,) * len(lead) + shape), 0, bool(lead))
+    return PlanEntry(target=f"{c}/{tensor.parameter}", kind="dense", shape=shape, pieces=[piece], layer=layer)
+
+
+def _ffn_entries(c: int, ffn: Ffn, resolver: DenseKeyResolver, spec: UpcycleSpec,
+                 rank: RankCoordinates) -> list[PlanEntry]:
+    layer = ffn.layer
+    keys = ffn_keys(resolver, layer)
+    fc1_dense = resolver.dense_shape(layer, FC1)
+    if fc1_dense != (2 * spec.ffn_hidden_size, spec.hidden_size):
+        raise DenseCheckpointMismatch(
+            f"{keys.fc1}: dense FFN fc1 has shape {list(fc1_dense)} per layer, expected "
+            f"[2*ffn_hidden_size, hidden_size] = [{2 * spec.ffn_hidden_size}, "
+            f"{spec.hidden_size}]; check model.ffn_hidden_size/hidden_size"
+        )
+    if isinstance(ffn, DenseFfn):
+        fc1, fc2 = ffn_pieces(keys, ffn_hidden=spec.ffn_hidden_size, hidden=spec.hidden_size,
+                              granularity=1, ffn_slice=0, tp_rank=rank.tp_rank, tp_size=rank.tp_size)
+        return [
+            PlanEntry(f"{c}/{ffn.fc1.name}", "dense", ffn.fc1.shape, fc1, layer=layer, role="fc1"),
+            PlanEntry(f"{c}/{ffn.fc2.name}", "dense", ffn.fc2.shape, fc2, layer=layer, role="fc2"),
+        ]
+    return _moe_entries(c, ffn, keys, spec, rank)
+
+
+def _moe_entries(c: int, ffn: MoeFfn, keys: FfnKeys, spec: UpcycleSpec, rank: RankCoordinates) -> list[PlanEntry]:
+    """The router, then per local expert its FFN slice: read by the first expert that needs it."""
+    layer = ffn.layer
+    entries = [PlanEntry(f"{c}/{ffn.router.name}", "router", ffn.router.shape, layer=layer)]
+    first_reader: dict[int, tuple[str, str]] = {}
+    for local in ffn.experts:
+        ffn_slice = local.expert % spec.granularity
+        t1, t2 = f"{c}/{local.fc1.name}", f"{c}/{local.fc2.name}"
+        common = dict(layer=layer, expert=local.expert, ffn_slice=ffn_slice)
+        if ffn_slice in first_reader:
+            src1, src2 = first_reader[ffn_slice]
+            entries.append(PlanEntry(t1, "copy", local.fc1.shape, copy_from=src1, role="fc1", **common))
+            entries.append(PlanEntry(t2, "copy", local.fc2.shape, copy_from=src2, role="fc2", **common))
+            continue
+        first_reader[ffn_slice] = (t1, t2)
+        fc1, fc2 = ffn_pieces(keys, ffn_hidden=spec.ffn_hidden_size, hidden=spec.hidden_size,
+                              granularity=spec.granularity, ffn_slice=ffn_slice,
+                              tp_rank=rank.etp_rank, tp_size=rank.etp_size)
+        entries.append(PlanEntry(t1, "expert", local.fc1.shape, fc1, role="fc1", **common))
+        entries.append(PlanEntry(t2, "expert", local.fc2.shape, fc2, role="fc2", **common))
+    return entries
+
+
+def build_plan(chunks: list, cfg: Any, dense_shapes: Mapping[str, tuple[int, ...]]) -> UpcyclePlan:
+    """:func:`plan_upcycle` for megatron-core model chunks, at the current parallel state."""
+    return plan_upcycle(describe_chunks(chunks), RankCoordinates.current(), UpcycleSpec.of(cfg), dense_shapes)

@@ -52,7 +52,8 @@ ROUTERS: dict[str, RouterRow] = {
         # Softmax over all experts, then top-k: the k weights sum to about k/E at step 0.
         RouterRow("softmax_topk", dict(moe_router_pre_softmax=True), weights_sum_to_one=False,
                   auto_scaling="cube_root",
-                  export_refusal="Mixtral applies the softmax after the top-k, not before"),
+                  export_refusal="softmax over all experts, then top-k without renormalising "
+                                 "(Mixtral renormalises over the chosen experts)"),
         # Sinkhorn balancing: megatron-core routes by the balanced scores during training only.
         RouterRow("sinkhorn", dict(moe_router_pre_softmax=False), weights_sum_to_one=False,
                   required_load_balancing="sinkhorn",

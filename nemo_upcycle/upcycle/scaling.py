@@ -12,16 +12,31 @@
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
-from nemo_upcycle.upcycle.spec import UpcycleSpec
+if TYPE_CHECKING:
+    from nemo_upcycle.upcycle.spec import UpcycleSpec
 
 
-def scaling_mode(cfg: Any) -> str:
+def scaling_mode(spec: "UpcycleSpec") -> str:
     """"none", "fc2_granularity" or "cube_root"."""
-    return UpcycleSpec.of(cfg).scaling_mode()
+    if not spec.is_moe or spec.weight_scaling == "none":
+        return "none"
+    if spec.weight_scaling == "cube_root":
+        return "cube_root"
+    mode = spec.router.auto_scaling
+    if mode == "fc2_granularity" and spec.granularity == 1:
+        return "none"
+    return mode
 
 
-def scale_factors(cfg: Any) -> tuple[float, float]:
+def scale_factors(spec: "UpcycleSpec") -> tuple[float, float]:
     """(factor for fc1, factor for fc2)."""
-    return UpcycleSpec.of(cfg).scale_factors()
+    mode = scaling_mode(spec)
+    if mode == "fc2_granularity":
+        return 1.0, float(spec.granularity)
+    if mode == "cube_root":
+        # He et al.'s E·G²/T with T counted in fine-grained experts: (E·G/T)^(1/3), T coarse.
+        factor = (spec.num_experts / spec.coarse_topk) ** (1.0 / 3.0)
+        return factor, factor
+    return 1.0, 1.0

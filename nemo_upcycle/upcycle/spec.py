@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nemo_upcycle.config.moe_layers import moe_layer_indices, moe_layer_pattern
+from nemo_upcycle.upcycle import scaling
 from nemo_upcycle.upcycle.routers import RouterRow, router_row
 
 
@@ -64,22 +65,8 @@ class UpcycleSpec:
 
     def scaling_mode(self) -> str:
         """"none", "fc2_granularity" or "cube_root" (see nemo_upcycle.upcycle.scaling)."""
-        if not self.is_moe or self.weight_scaling == "none":
-            return "none"
-        if self.weight_scaling == "cube_root":
-            return "cube_root"
-        mode = self.router.auto_scaling
-        if mode == "fc2_granularity" and self.granularity == 1:
-            return "none"
-        return mode
+        return scaling.scaling_mode(self)
 
     def scale_factors(self) -> tuple[float, float]:
-        """(factor for fc1, factor for fc2)."""
-        mode = self.scaling_mode()
-        if mode == "fc2_granularity":
-            return 1.0, float(self.granularity)
-        if mode == "cube_root":
-            # He et al.'s E·G²/T with T counted in fine-grained experts: (E·G/T)^(1/3), T coarse.
-            factor = (self.num_experts / self.coarse_topk) ** (1.0 / 3.0)
-            return factor, factor
-        return 1.0, 1.0
+        """(factor for fc1, factor for fc2), see nemo_upcycle.upcycle.scaling."""
+        return scaling.scale_factors(self)

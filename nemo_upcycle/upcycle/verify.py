@@ -34,7 +34,8 @@ def _eval_logits(chunks, tokens):
 
 def run_verify(cfg: DictConfig) -> dict:
     """Logit differences (dense vs MoE, megatron vs transformers) and tolerances, on every rank."""
-    from nemo_upcycle.checkpoint.dense_source import open_dense_source, tokenizer_folder
+    from nemo_upcycle.checkpoint.dense_source import open_dense_source
+    from nemo_upcycle.checkpoint.tokenizer_files import tokenizer_folder
     from nemo_upcycle.data.text import heldout_batch
     from nemo_upcycle.metrics.router_stats import RouterStatsCollector
     from nemo_upcycle.model.modeling import build_model_chunks, default_params_dtype
