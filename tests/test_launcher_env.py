@@ -30,3 +30,49 @@ def test_single_process_defaults():
 def test_first_slurm_host():
     assert _first_slurm_host("cpu01") == "cpu01"
     assert _first_slurm_host("a[10-12],b3") == "a10"
+
+
+# The rendezvous port: never one fixed number (two jobs on one node joined each other's).
+def test_slurm_port_derives_from_the_job_id():
+    from nemo_upcycle.platform.launcher_env import slurm_job_port
+
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "n1", "SLURM_JOB_ID": "123456"}
+    assert read_launch_env(env).master_port == slurm_job_port(123456) == 20000 + 123456 % 20000
+    other = dict(env, SLURM_JOB_ID="123457")
+    assert read_launch_env(other).master_port != read_launch_env(env).master_port
+
+
+def test_master_port_from_the_environment_wins():
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "7", "MASTER_PORT": "4321"}
+    assert read_launch_env(env).master_port == 4321
+    assert read_launch_env({"MASTER_PORT": "4321"}).master_port == 4321
+
+
+def test_single_process_takes_a_free_port():
+    from unittest import mock
+
+    with mock.patch("nemo_upcycle.util.ports.free_port", return_value=45678):
+        assert read_launch_env({}).master_port == 45678
+
+
+def _dry_run(**env):
+    import os
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "torchrun.sh"
+    clean = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "SLURM_JOB_ID", "NNODES")}
+    return subprocess.run(["bash", str(script), "model=tiny_llama"], env=dict(clean, DRY_RUN="1", NPROC="2", **env),
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_torchrun_script_ports():
+    """scripts/torchrun.sh (DRY_RUN=1 prints the command): the user's port, the Slurm job's, or a free one."""
+    from nemo_upcycle.platform.launcher_env import slurm_job_port
+
+    assert "--master_port=4321 " in _dry_run(MASTER_PORT="4321").stdout
+    assert f"--master_port={slurm_job_port(98765)} " in _dry_run(SLURM_JOB_ID="98765").stdout
+    free = _dry_run()
+    assert free.returncode == 0 and "--master_port=29500" not in free.stdout and "rendezvous: " in free.stderr
+    refused = _dry_run(NNODES="2")
+    assert refused.returncode == 2 and "MASTER_PORT" in refused.stderr

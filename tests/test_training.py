@@ -109,7 +109,9 @@ def test_tp2_training_runs_with_sequence_parallel(tiny_smollm_vocab, cache_dir, 
     assert len(losses) == 6 and min(losses[-2:]) < losses[0] - 0.1, losses
 
 
-EP2_8_STEPS = ["parallel.ep=2", "trainer.max_steps=8"]  # checkpoints after steps 4 and 8
+# Checkpoints after steps 4 and 8. With the distributed optimizer (what trainer=paper sets), so
+# that its checkpoint save, bit-exact resume and resharding are covered by the tests below.
+EP2_8_STEPS = ["parallel.ep=2", "trainer.max_steps=8", "trainer.distributed_optimizer=true"]
 
 
 @pytest.fixture(scope="module")
@@ -155,16 +157,25 @@ def test_killed_rank_fails_fast_and_relaunch_resumes_bit_exactly(tiny_smollm_voc
 
 
 def test_resume_at_a_different_layout(tiny_smollm_vocab, cache_dir, tmp_path, uninterrupted_ep2_losses):
-    """Saved at EP2 on 2 ranks, resumed at EP4 on 4 ranks: the checkpoint reshards and
-    training continues where it was (same losses as never stopping, up to reduction order)."""
+    """Saved at EP2 on 2 ranks, resumed at EP1 on 1 rank (fewer ranks, and megatron's optimizer
+    is one instead of a dense + experts chain): the checkpoint, the distributed optimizer's
+    state included, reshards and training continues where it was (same losses as never
+    stopping, up to reduction order). Resuming without the optimizer that wrote the checkpoint
+    is refused before training, with the fix."""
     expected = uninterrupted_ep2_losses
     resumed_dir = tmp_path / "resumed"
     # Same schedule as the reference (cosine over 8 steps), stopped after the step-4 checkpoint.
     crashed, _ = run_and_kill_a_rank(2, _overrides(tiny_smollm_vocab, cache_dir, resumed_dir, *EP2_8_STEPS),
                                      resumed_dir / "metrics.jsonl", kill_after_step=5)
     assert crashed.returncode != 0
-    out = _ok(run_training(4, _overrides(tiny_smollm_vocab, cache_dir, resumed_dir, "parallel.ep=4",
-                                         "trainer.max_steps=8")))
+    ep1 = _overrides(tiny_smollm_vocab, cache_dir, resumed_dir, "parallel.ep=1", "trainer.max_steps=8")
+    refused = run_training(1, ep1 + ["trainer.distributed_optimizer=false"])
+    assert refused.returncode != 0
+    assert ("was saved with trainer.distributed_optimizer=true and this run sets trainer.distributed_optimizer=false"
+            in refused.stdout), refused.stdout[-3000:]
+    assert "exitcode  : 2" in refused.stdout and "Error executing job" not in refused.stdout, refused.stdout[-3000:]
+    assert "step 5/8" not in refused.stdout
+    out = _ok(run_training(1, ep1 + ["trainer.distributed_optimizer=true"]))
     assert "resuming from" in out and "upcycled online" not in out
     after = losses_by_step(resumed_dir)
     assert set(after) == {1, 2, 3, 4, 5, 6, 7, 8}
@@ -207,3 +218,41 @@ def test_nan_loss_stops_every_rank_naming_the_step_and_router_stats(tiny_smollm_
     assert "lower trainer.lr" in out
     assert out.count("exitcode  : 3") == 2
     assert [r["step"] for r in read_metrics(tmp_path)] == [1]
+
+
+def test_optimizer_state_fits_the_other_expert_parallel_layout():
+    """The plain (non-distributed) optimizer's loaded state between EP2 (dense + experts
+    chained) and EP1 (one optimizer), as NeMo's load hands it over: the common part in the
+    saved structure, the loaded tensors in the current one. (The distributed optimizer's case
+    runs for real in test_resume_at_a_different_layout.)"""
+    from types import SimpleNamespace
+
+    from nemo_upcycle.training.optimizer_state import fit_optimizer_state
+
+    def group(wd, expert, **more):
+        return {"pre_wd_mult": wd, "pre_lr_mult": 1.0, "is_expert_parallel": expert, "is_decoupled_lr": False,
+                "weight_decay": 0.1 * wd, **more}
+
+    def opt(*groups):
+        return SimpleNamespace(optimizer=SimpleNamespace(param_groups=[dict(g, params=[]) for g in groups]))
+
+    step = object()
+    dense_saved = {"state": {"common_step": step}, "param_groups": [group(1.0, False, lr=1), group(0.0, False, lr=2)]}
+    expert_saved = {"state": {"common_step": step}, "param_groups": [group(1.0, True, lr=3)]}
+    # EP2 -> EP1: the experts' weights join the dense groups.
+    one = opt(group(1.0, False), group(0.0, False))
+    loaded = {0: dense_saved, 1: expert_saved,
+              "state": {0: {"exp_avg": "t0"}, 1: {"exp_avg": "t1"}}, "param_groups": [{"params": [0]}, {"params": [1]}]}
+    fitted = fit_optimizer_state(SimpleNamespace(chained_optimizers=[one]), loaded)
+    assert fitted["state"] == {0: {"exp_avg": "t0"}, 1: {"exp_avg": "t1"}, "common_step": step}
+    assert [(g["lr"], g["params"], g["is_expert_parallel"]) for g in fitted["param_groups"]] == [(1, [0], False),
+                                                                                                 (2, [1], False)]
+    # EP1 -> EP2: the experts' group takes the dense group of the same multipliers.
+    chain = SimpleNamespace(chained_optimizers=[opt(group(1.0, False), group(0.0, False)), opt(group(1.0, True))])
+    loaded = {**dense_saved, 0: {"state": {0: {"exp_avg": "d"}}, "param_groups": [{"params": [0]}, {"params": [1]}]},
+              1: {"state": {0: {"exp_avg": "e"}}, "param_groups": [{"params": [0]}]}}
+    fitted = fit_optimizer_state(chain, loaded)
+    assert set(fitted) == {0, 1} and fitted[1]["state"] == {0: {"exp_avg": "e"}, "common_step": step}
+    assert [(g["lr"], g["is_expert_parallel"]) for g in fitted[1]["param_groups"]] == [(1, True)]
+    # The same structure is left alone.
+    assert fit_optimizer_state(SimpleNamespace(chained_optimizers=[one]), dense_saved) is dense_saved

@@ -12,7 +12,7 @@ def check_runs(runs, common: list[str], ablate) -> dict[str, int]:
     from hydra.errors import HydraException
 
     from nemo_upcycle.ablation.runner import run_overrides
-    from nemo_upcycle.cli.common import resolve_dense_model
+    from nemo_upcycle.checkpoint.dense_source import resolve_dense_model
     from nemo_upcycle.config.compose import compose_config
     from nemo_upcycle.config.validate import ConfigError, collect_problems
     from nemo_upcycle.errors import UserError

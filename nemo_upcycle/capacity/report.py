@@ -1,7 +1,8 @@
 """Assemble the plan from the other modules, and print it as a table or as JSON.
 
-:func:`build_report` validates exactly like training (``validate(cfg, world_size)``, so a bad
-layout fails with the same ConfigError) and returns plain numbers; rendering is separate so
+:func:`build_report` validates like training (``validate(cfg, world_size, "plan")``, so a bad
+layout fails with the same ConfigError; only what this machine has, such as Transformer
+Engine for context parallelism, is not asked for) and returns plain numbers; rendering is separate so
 that tests and scripts can use the numbers without parsing text.
 """
 from __future__ import annotations
@@ -149,7 +150,7 @@ def checkpoint_reads(cfg: Any, params: ModelParams, ranks: list[dict], ranks_per
 def build_report(cfg: Any) -> dict:
     """Every number of the plan for ``cfg`` (raises ConfigError for a layout that cannot run)."""
     world_size, world_source = resolve_world_size(cfg)
-    validate(cfg, world_size)  # the same checks and messages as training
+    validate(cfg, world_size, "plan")  # the same checks and messages as training
     problems = planner_problems(cfg)
     if problems:
         raise ConfigError(problems)

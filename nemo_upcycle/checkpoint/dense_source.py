@@ -203,3 +203,12 @@ def shape_problems(m: Any, shapes: dict[str, tuple[int, ...]]) -> list[str]:
         if tuple(have) != tuple(shape):
             problems.append(f"{name}: the checkpoint has shape {list(have)}, the config implies {list(shape)} ({meaning})")
     return problems
+
+
+def resolve_dense_model(cfg) -> None:
+    """Fill ``model=auto`` from the dense checkpoint and check it, when one is named.
+
+    Entry points that never read a dense model (the planner with a preset) skip it.
+    """
+    if not OmegaConf.is_missing(cfg.model, "dense_checkpoint") or OmegaConf.is_missing(cfg.model, "name"):
+        open_dense_source(cfg)

@@ -40,7 +40,7 @@ def run_export(cfg: Any) -> dict:
     """Every check first (no weight read, no file written), then one tensor at a time."""
     from nemo_upcycle.checkpoint.dtypes import parse_dtype
     from nemo_upcycle.checkpoint.exporter import ExportError, check_exportable, export_hf
-    from nemo_upcycle.cli.common import resolve_dense_model
+    from nemo_upcycle.checkpoint.dense_source import resolve_dense_model
     from nemo_upcycle.upcycle.sources import CheckpointFormatError, TorchDistCheckpoint
     from nemo_upcycle.util.atomic import refuse_existing
 

@@ -13,22 +13,11 @@ import os
 import sys
 from typing import Iterator
 
+from nemo_upcycle.checkpoint.dense_source import resolve_dense_model  # noqa: F401  (for the commands)
 from nemo_upcycle.config.compose import CONFIG_DIR  # noqa: F401  (re-exported for hydra.main)
 from nemo_upcycle.errors import UserError
-from nemo_upcycle.platform.launcher_env import read_launch_env
-
-
-def launch_world_size() -> int:
-    return read_launch_env().world_size
-
-
-def is_rank0() -> bool:
-    return read_launch_env().rank == 0
-
-
-def print_rank0(message: str) -> None:
-    if is_rank0():
-        print(message, flush=True)
+from nemo_upcycle.platform.launcher_env import (  # noqa: F401  (for the commands)
+    is_rank0, launch_world_size, print_rank0, read_launch_env)
 
 
 def quiet_console(cfg) -> None:
@@ -59,25 +48,12 @@ def user_errors(every_rank: bool = False) -> Iterator[None]:
         fail(err.exit_code)
 
 
-def resolve_dense_model(cfg) -> None:
-    """Fill ``model=auto`` from the dense checkpoint and check it, when one is named.
-
-    Entry points that never read a dense model (the planner with a preset) skip it.
-    """
-    from omegaconf import OmegaConf
-
-    from nemo_upcycle.checkpoint.dense_source import open_dense_source
-
-    if not OmegaConf.is_missing(cfg.model, "dense_checkpoint") or OmegaConf.is_missing(cfg.model, "name"):
-        open_dense_source(cfg)
-
-
 @contextlib.contextmanager
-def validated(cfg, world_size: int) -> Iterator[None]:
-    """Read the dense model's architecture and validate ``cfg`` before the body runs."""
+def validated(cfg, world_size: int, command: str = "train") -> Iterator[None]:
+    """Read the dense model's architecture and validate ``cfg`` for ``command`` before the body runs."""
     from nemo_upcycle.config.validate import validate
 
     with user_errors():
         resolve_dense_model(cfg)
-        validate(cfg, world_size)
+        validate(cfg, world_size, command)
         yield

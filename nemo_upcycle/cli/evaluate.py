@@ -30,7 +30,7 @@ def main(cfg: DictConfig) -> None:
     from nemo_upcycle.util.atomic import write_json_atomic
 
     quiet_console(cfg)
-    with validated(cfg, launch_world_size()):  # eval.* is checked with the rest of the config
+    with validated(cfg, launch_world_size(), "evaluate"):  # eval.* is checked with the rest of the config
         log_to_file(cfg.log_dir)  # library logs of each rank: ${log_dir}/logs/rank<k>.log
         result = evaluate_model(cfg, verbose=is_rank0())
     if is_rank0():

@@ -7,7 +7,8 @@ imported from) a Hugging Face folder, the dense model is also run in transformer
 same tokens (``import_max_abs_logit_diff=<v>``): a setting read wrongly from the checkpoint
 shows there, where dense-vs-MoE cannot see it. Exits 1 when a difference exceeds its
 tolerance (see nemo_upcycle.upcycle.exactness); ``verify.seq_length``, ``verify.batch``,
-``verify.transformers=false`` change the check.
+``verify.transformers=false`` change the check. ``verify.seq_length`` is rounded down (with a
+message) to a multiple the layout allows: tp under sequence parallelism.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def main(cfg: DictConfig) -> None:
     from nemo_upcycle.upcycle.verify import run_verify, verdict
 
     quiet_console(cfg)  # verify writes no files: library chatter is shown only with verbose=true
-    with validated(cfg, launch_world_size()):
+    with validated(cfg, launch_world_size(), "verify"):
         lines, failed = verdict(run_verify(cfg))
     for line in lines:
         print_rank0(line)

@@ -21,6 +21,7 @@ from nemo_upcycle.config.checks.parallel import (
     world_size_problems,
 )
 from nemo_upcycle.config.checks.router import router_problems
+from nemo_upcycle.config.checks.sequence import context_parallel_problems, sequence_length_problems
 from nemo_upcycle.config.checks.trainer import checkpoint_problems, guard_problems
 from nemo_upcycle.errors import UserError
 
@@ -47,24 +48,31 @@ CHECKS = (
     guard_problems,
     evaluation_problems,
 )
+# Checks that depend on what the command does with the model (see checks/sequence.py).
+COMMAND_CHECKS = (context_parallel_problems, sequence_length_problems)
+COMMANDS = ("train", "verify", "evaluate", "plan")
 
 
-def collect_problems(cfg: Any, world_size: Optional[int] = None) -> list[str]:
+def collect_problems(cfg: Any, world_size: Optional[int] = None, command: str = "train") -> list[str]:
     """Every problem with ``cfg`` (an OmegaConf node or the dataclass), as sentences.
 
     ``world_size``: the ranks the launcher started (None: only ``parallel.world_size``, if
-    set, is checked against the layout).
+    set, is checked against the layout). ``command``: one of :data:`COMMANDS`, what will be
+    run (each reads its own sequence length; the planner runs nothing here).
     """
+    assert command in COMMANDS, command
     problems = parallel_size_problems(cfg.parallel)
     if problems:
         return problems  # every other check divides by these sizes
     for check in CHECKS:
         problems += check(cfg)
+    for command_check in COMMAND_CHECKS:
+        problems += command_check(cfg, command)
     return problems + world_size_problems(cfg, world_size)
 
 
-def validate(cfg: Any, world_size: Optional[int] = None) -> None:
+def validate(cfg: Any, world_size: Optional[int] = None, command: str = "train") -> None:
     """Raise :class:`ConfigError` listing every problem with ``cfg``."""
-    problems = collect_problems(cfg, world_size)
+    problems = collect_problems(cfg, world_size, command)
     if problems:
         raise ConfigError(problems)

@@ -11,7 +11,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Optional
 
-from nemo_upcycle.cli.common import is_rank0, print_rank0
+from nemo_upcycle.platform.launcher_env import is_rank0, print_rank0
 
 
 def evaluate_trained_model(cfg: Any, lightning_module, tokenizer_path: Optional[Path], loggers: list, step: int) -> dict:

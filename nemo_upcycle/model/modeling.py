@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from nemo_upcycle.checkpoint.architecture import effective_head_dim
+from nemo_upcycle.model.fused_paths import fused_paths_for_this_machine
 from nemo_upcycle.platform.cpu import gpu_available
 from nemo_upcycle.model.rope_scaling import apply_rope_scaling
 from nemo_upcycle.upcycle.routers import router_row
@@ -48,11 +49,15 @@ def transformer_config_kwargs(
     """Keyword arguments of the TransformerConfig of the Llama-style model in ``cfg``.
 
     Shared by :func:`build_transformer_config` and NeMo's GPTConfig (a TransformerConfig
-    subclass), so both trainers build exactly the same model.
+    subclass), so both trainers build exactly the same model. The fused kernels are those
+    this machine can run (nemo_upcycle.model.fused_paths); the loss's fusion is set by each
+    caller (NeMo's config names it itself).
     """
     model, moe, par = cfg.model, cfg.moe, cfg.parallel
     params_dtype = params_dtype or default_params_dtype()
     on_gpu = gpu_available()
+    fused = fused_paths_for_this_machine().model_kwargs()
+    moe_only = ("moe_permute_fusion", "moe_grouped_gemm")
     kwargs: dict[str, Any] = dict(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -69,11 +74,8 @@ def transformer_config_kwargs(
         qk_layernorm=bool(model.qk_layernorm),
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        bias_activation_fusion=False,
         bias_dropout_fusion=False,
         masked_softmax_fusion=on_gpu,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
         persist_layer_norm=False,
         use_cpu_initialization=not on_gpu,
         params_dtype=params_dtype,
@@ -85,6 +87,7 @@ def transformer_config_kwargs(
         context_parallel_size=par.cp,
         sequence_parallel=par.sp,
         init_method_std=0.02,
+        **{name: on for name, on in fused.items() if name not in moe_only},
     )
     if is_moe(cfg):
         spec = UpcycleSpec.of(cfg)
@@ -99,8 +102,7 @@ def transformer_config_kwargs(
             moe_expert_capacity_factor=moe.capacity_factor,
             moe_token_drop_policy=moe.drop_policy,
             moe_pad_expert_input_to_capacity=moe.pad_to_capacity,
-            moe_grouped_gemm=transformer_engine_available(),
-            moe_permute_fusion=False,
+            **{name: fused[name] for name in moe_only},
             **router_settings(cfg.router),
         )
     kwargs.update(overrides)
@@ -108,10 +110,17 @@ def transformer_config_kwargs(
 
 
 def build_transformer_config(cfg: Any, params_dtype: Optional[torch.dtype] = None, **overrides: Any):
-    """TransformerConfig of the Llama-style model in ``cfg`` (dense or MoE)."""
+    """TransformerConfig of the Llama-style model in ``cfg`` (dense or MoE), for running it
+    with megatron-core directly (verify, evaluate, export, benchmarks)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    return TransformerConfig(**transformer_config_kwargs(cfg, params_dtype, **overrides))
+    direct = dict(
+        fused_paths_for_this_machine().loss_kwargs(),
+        # Gradient-accumulation fusion writes into main_grad, which only megatron's DDP
+        # wrapper (NeMo's trainer) allocates; models run here have none.
+        gradient_accumulation_fusion=False,
+    )
+    return TransformerConfig(**transformer_config_kwargs(cfg, params_dtype, **{**direct, **overrides}))
 
 
 def layer_spec(config, vp_stage: Optional[int] = None):

@@ -39,6 +39,65 @@ def resumable_checkpoint(cfg: Any) -> Optional[Path]:
     return resume._find_trainer_ckpt_path()
 
 
+def check_optimizer_matches_checkpoint(cfg: Any, checkpoint: Path) -> None:
+    """A checkpoint's optimizer state resumes at any parallel layout (the distributed
+    optimizer's is saved fully reshardable), but only with the optimizer that wrote it: the
+    distributed optimizer's state (with its fp32 main params, under other keys) and the plain
+    one's are different formats, and NeMo cannot convert one into the other (it fails while
+    restoring: ``KeyError: 'pre_wd_mult'`` one way, a missing ``optimizer.state.exp_avg.*``
+    tensor the other)."""
+    from nemo.lightning.io.pl import MegatronCheckpointIO
+
+    from nemo_upcycle.training.preflight import PreflightError
+
+    meta = MegatronCheckpointIO.load_content_metadata(checkpoint) or {}
+    saved = meta.get("distrib_optim_sharding_type", "fully_sharded_model_space") != "fully_sharded_model_space"
+    if saved != bool(cfg.trainer.distributed_optimizer):
+        raise PreflightError(
+            f"{checkpoint} was saved with trainer.distributed_optimizer={str(saved).lower()} and this run sets "
+            f"trainer.distributed_optimizer={str(bool(cfg.trainer.distributed_optimizer)).lower()}: the optimizer's "
+            f"state cannot be converted between the two. Resume with "
+            f"trainer.distributed_optimizer={str(saved).lower()} (any parallel layout works), or train into a new log_dir."
+        )
+    if meta.get("distrib_optim_sharding_type") == "dp_reshardable":  # NeMo's default format, not written here
+        saved_layout, layout = _saved_layout(checkpoint), _layout(cfg)
+        changed = {k: (saved_layout[k], v) for k, v in layout.items() if k in saved_layout and saved_layout[k] != v}
+        if changed:
+            raise PreflightError(
+                f"{checkpoint} holds a distributed optimizer state in NeMo's DP-only reshardable format, which "
+                f"cannot load at another model-parallel layout ({', '.join(f'parallel.{k}: saved {a}, now {b}' for k, (a, b) in changed.items())}). "
+                f"Resume at the saved layout: the checkpoints this job writes are fully reshardable and resume "
+                f"at any layout."
+            )
+
+
+_LAYOUT_KEYS = {"tensor_model_parallel_size": "tp", "pipeline_model_parallel_size": "pp",
+                "context_parallel_size": "cp", "expert_model_parallel_size": "ep", "expert_tensor_parallel_size": "etp"}
+
+
+def _layout(cfg: Any) -> dict:
+    par = cfg.parallel
+    out = {"tp": par.tp, "pp": par.pp, "cp": par.cp, "ep": par.ep, "etp": par.etp}
+    out["etp"] = out["tp"] if out["etp"] is None else out["etp"]
+    return out
+
+
+def _saved_layout(checkpoint: Path) -> dict:
+    """The parallel sizes in the checkpoint's model config (``context/model.yaml``)."""
+    import re
+
+    path = Path(checkpoint) / "context" / "model.yaml"
+    text = path.read_text() if path.is_file() else ""
+    out = {}
+    for key, name in _LAYOUT_KEYS.items():
+        m = re.search(rf"^\s+{key}: (\S+)$", text, re.M)
+        if m:
+            out[name] = None if m.group(1) == "null" else int(m.group(1))
+    if "etp" in out and out["etp"] is None:
+        out["etp"] = out.get("tp")
+    return out
+
+
 def _tokenizer(tokenizer_path: Optional[Path]):
     from nemo.collections.common.tokenizers.huggingface.auto_tokenizer import AutoTokenizer
 
@@ -74,11 +133,17 @@ def build_trainer(cfg: Any, callbacks: list):
         ckpt_async_save=gpu_available(),
         ckpt_parallel_save=True,
         ckpt_load_strictness="log_all",
+        # The distributed optimizer's state in model space (like the plain optimizer's), so its
+        # checkpoints resume at any TP/PP/EP/DP layout; NeMo's default ("dp_reshardable", flat
+        # per-bucket shards) only at the saved model-parallel layout. The save gathers each
+        # model-parallel shard's state over its data-parallel group first.
+        ckpt_optim_fully_reshardable=tr.distributed_optimizer,
     )
     # NeMo 2.7.3 bug: its ProgressPrinter gathers megatron's timers across all ranks but is
     # called on rank 0 only, so the first logged step deadlocks any multi-rank job whose
     # timers recorded something. Without timers megatron records nothing to gather.
     strategy.timers = None
+    _fit_optimizer_state_on_load(strategy)
     checkpoint = None if tr.checkpoint_every_n_steps == 0 else nl.ModelCheckpoint(
         every_n_train_steps=tr.checkpoint_every_n_steps,
         # Only "<name>-last" is kept (what AutoResume resumes from): with Adam's states an
@@ -116,6 +181,29 @@ def build_trainer(cfg: Any, callbacks: list):
         extra_loggers=[] if checkpoint is None else [CheckpointMessages()],
     )
     return trainer, logger
+
+
+def _fit_optimizer_state_on_load(strategy) -> None:
+    """Resuming at EP1 from EP > 1 (or back) changes how megatron chains its optimizers: the
+    loaded optimizer state is put in the current structure first (see ``optimizer_state``)."""
+    from nemo_upcycle.training.optimizer_state import fit_optimizer_state
+
+    load = strategy.load_optimizer_state_dict
+
+    def load_optimizer_state_dict(checkpoint, selective_restore: bool = False):
+        if "optimizer" in checkpoint:
+            checkpoint["optimizer"] = [fit_optimizer_state(opt.mcore_optimizer, state) if hasattr(opt, "mcore_optimizer")
+                                       else state for opt, state in zip(strategy.optimizers, checkpoint["optimizer"])]
+        # The LR schedulers (restored next) keep one entry per param group (base_lrs, ...): the
+        # current ones, from the same config, where the number of groups changed.
+        for config, saved in zip(strategy.lr_scheduler_configs, checkpoint.get("lr_schedulers", [])):
+            current = config.scheduler.state_dict()
+            for key, value in saved.items():
+                if isinstance(value, list) and isinstance(current.get(key), list) and len(value) != len(current[key]):
+                    saved[key] = current[key]
+        return load(checkpoint, selective_restore=selective_restore)
+
+    strategy.load_optimizer_state_dict = load_optimizer_state_dict
 
 
 def trains_in_bf16(cfg: Any) -> bool:
@@ -204,6 +292,7 @@ def run_training(cfg: Any) -> dict:
         log.info("no MoE checkpoint in %s: upcycling online from %s", checkpoint_dir(cfg), upcycle_from)
     else:
         upcycle_from = None
+        check_optimizer_matches_checkpoint(cfg, resume_from)
         log.info("resuming from %s (no upcycling)", resume_from)
     tokenizer_path = tokenizer_folder(cfg)  # an embedded model is imported first
     # NeMo copies the tokenizer folder into every checkpoint: give it the tokenizer files only,

@@ -13,6 +13,7 @@ from typing import Any, Optional
 from nemo.collections.llm.gpt.model.base import GPTConfig
 from omegaconf import OmegaConf
 
+from nemo_upcycle.model.fused_paths import fused_paths_for_this_machine
 from nemo_upcycle.model.modeling import layer_spec, transformer_config_kwargs
 from nemo_upcycle.model.rope_scaling import apply_rope_scaling
 
@@ -57,7 +58,8 @@ def make_gpt_config(cfg: Any, upcycle_from: Optional[str]) -> UpcycleGPTConfig:
         position_embedding_type="rope",
         rotary_base=cfg.model.rotary_base,
         seq_length=cfg.trainer.seq_length,
-        cross_entropy_loss_fusion=False,
+        # The loss's fusion (off on CPU; TE's or megatron's fused cross entropy on a GPU).
+        **fused_paths_for_this_machine().loss_kwargs(),
         transformer_layer_spec=upcycle_layer_spec,
         job=OmegaConf.to_container(cfg, resolve=True),
         upcycle_from=upcycle_from,

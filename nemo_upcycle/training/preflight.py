@@ -60,14 +60,17 @@ def checkpoint_weight_bytes(cfg: Any) -> int:
 
     Every parameter is stored once across all ranks (distributed checkpoints hold no
     replicas), in the training dtype, plus 8 bytes of Adam moments and, for 16-bit weights,
-    a 4-byte fp32 master copy: 12 bytes per parameter on CPU (fp32), 14 with bf16.
+    a 4-byte fp32 master copy: 12 bytes per parameter on CPU (fp32), 14 with bf16. The
+    distributed optimizer saves its fp32 main params even for fp32 weights (fully reshardable
+    format, ``training/job.py``): 16 bytes with fp32.
     """
     from nemo_upcycle.training.job import trains_in_bf16
     from nemo_upcycle.capacity.memory import Precision
     from nemo_upcycle.capacity.params import model_params
 
     precision = Precision(param_bytes=2 if trains_in_bf16(cfg) else 4)
-    return model_params(cfg).total * (precision.param_bytes + precision.optimizer_bytes)
+    fp32_main_copy = 4 if cfg.trainer.distributed_optimizer and not trains_in_bf16(cfg) else 0
+    return model_params(cfg).total * (precision.param_bytes + precision.optimizer_bytes + fp32_main_copy)
 
 
 def folder_bytes(path: Optional[Path]) -> int:

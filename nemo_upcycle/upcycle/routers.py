@@ -25,6 +25,8 @@ class RouterRow:
     auto_scaling: str = "none"
     # router.load_balancing this router requires (None: any of the losses) and what it forbids.
     required_load_balancing: Optional[str] = None
+    # Why, for the message when another one is configured ("" : just "needs ...").
+    balancing_reason: str = ""
     # The Hugging Face architecture that computes exactly this routing; None with the reason.
     export_target: Optional[str] = None
     export_refusal: str = ""
@@ -63,6 +65,7 @@ ROUTERS: dict[str, RouterRow] = {
         RouterRow("aux_free", dict(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
                                    moe_router_bias_update_rate=1e-3),
                   top1_weight_is_one=False, auto_scaling="fc2_granularity", required_load_balancing="none",
+                  balancing_reason="balances with an expert bias",
                   export_refusal="sigmoid scores with a per-expert bias have no Mixtral equivalent"),
     )
 }

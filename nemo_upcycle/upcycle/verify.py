@@ -32,10 +32,30 @@ def _eval_logits(chunks, tokens):
         return run_schedule(chunks, tokens)
 
 
+def verify_seq_length(cfg: DictConfig) -> tuple[int, str]:
+    """``verify.seq_length`` rounded down to a multiple the layout allows, and a note when rounded.
+
+    Rounded, not refused: the default (128) is one number for every layout, and any length
+    checks the upcycling equally well; e.g. tp=3 with sequence parallelism runs 126 tokens
+    (megatron-core otherwise fails in the forward pass, after every weight was read). The
+    validation refuses lengths shorter than one multiple.
+    """
+    from nemo_upcycle.config.checks.sequence import why_multiple
+    from nemo_upcycle.config.parallel_sizes import sequence_multiple
+
+    asked, multiple = int(cfg.verify.seq_length), sequence_multiple(cfg.parallel)
+    length = asked - asked % multiple
+    if length == asked:
+        return asked, ""
+    return length, (f"verify.seq_length={asked} rounded down to {length}, a multiple of {multiple}: "
+                    f"{why_multiple(cfg.parallel)}")
+
+
 def run_verify(cfg: DictConfig) -> dict:
     """Logit differences (dense vs MoE, megatron vs transformers) and tolerances, on every rank."""
     from nemo_upcycle.checkpoint.dense_source import open_dense_source
     from nemo_upcycle.checkpoint.tokenizer_files import tokenizer_folder
+    from nemo_upcycle.platform.launcher_env import print_rank0
     from nemo_upcycle.data.text import heldout_batch
     from nemo_upcycle.metrics.router_stats import RouterStatsCollector
     from nemo_upcycle.model.modeling import build_model_chunks, default_params_dtype
@@ -46,7 +66,10 @@ def run_verify(cfg: DictConfig) -> dict:
 
     source = open_dense_source(cfg)  # imports the embedded model if needed; checks the architecture
     setup_parallel(cfg.parallel, cfg.seed)
-    tokens = heldout_batch(tokenizer_folder(cfg), cfg.model.vocab_size, cfg.verify.batch, cfg.verify.seq_length)
+    seq_length, rounding = verify_seq_length(cfg)
+    if rounding:
+        print_rank0(rounding)
+    tokens = heldout_batch(tokenizer_folder(cfg), cfg.model.vocab_size, cfg.verify.batch, seq_length)
 
     dense_cfg = OmegaConf.merge(cfg, {"moe": {"num_experts": 0, "topk": 0, "layers": []}})
     dense = build_model_chunks(dense_cfg)
@@ -98,7 +121,7 @@ def transformers_difference(cfg: DictConfig, source, tokens, dense_logits) -> Op
     from megatron.core import parallel_state
 
     from nemo_upcycle.checkpoint.transformers_reference import reference_folder, vocab_slice_logits
-    from nemo_upcycle.cli.common import print_rank0
+    from nemo_upcycle.platform.launcher_env import print_rank0
 
     if not cfg.verify.transformers:
         return None

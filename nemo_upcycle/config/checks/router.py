@@ -12,8 +12,6 @@ from nemo_upcycle.config.checks.moe import counting_spec
 from nemo_upcycle.upcycle.routers import ROUTER_TYPES, ROUTERS, RouterRow
 
 LOAD_BALANCING = ("aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none")
-# Why a router needs its load balancing, where the plain "needs ... (got ...)" says too little.
-_REQUIREMENT_REASONS = {"aux_free": "balances with an expert bias: set router.load_balancing={need}"}
 
 
 def name_problems(cfg: Any) -> list[str]:
@@ -33,8 +31,9 @@ def balancing_problems(cfg: Any) -> list[str]:
     need = row.required_load_balancing if row is not None else None
     problems = []
     if need is not None and router.load_balancing != need:
-        reason = _REQUIREMENT_REASONS.get(router.type, "needs router.load_balancing={need} (got {got})")
-        problems.append(f"router.type={router.type} " + reason.format(need=need, got=router.load_balancing))
+        problems.append(f"router.type={router.type} {row.balancing_reason}: set router.load_balancing={need}"
+                        if row.balancing_reason else
+                        f"router.type={router.type} needs router.load_balancing={need} (got {router.load_balancing})")
     if need == "sinkhorn" and router.aux_loss_coeff:
         problems.append(
             f"router.type={router.type} balances by construction: set router.aux_loss_coeff=0 "
