@@ -159,6 +159,7 @@ def main() -> None:
     from nemo_upcycle.config.compose import compose_config
     from nemo_upcycle.capacity.flops import flops_per_token
     from nemo_upcycle.capacity.params import rank_params
+    from nemo_upcycle.config.parallel_sizes import expert_tensor_parallel
 
     info = machine.describe()
     cache_dir = Path(args.cache_dir)
@@ -193,7 +194,7 @@ def main() -> None:
             cfg = compose_config(overrides)
             # fp32 weights, grads and Adam's two moments (16 bytes a parameter) + libraries
             par = cfg.parallel
-            params = rank_params(cfg, 0, par.tp, par.ep, par.tp if par.etp is None else par.etp).total
+            params = rank_params(cfg, 0, par.tp, par.ep, expert_tensor_parallel(par)).total
             need = args.nproc * (16 * params + 1.2 * 2**30)
             fits, reason = machine.wait_for_memory(int(need), max_wait_s=args.max_wait_min * 60, label=name)
             if not fits:

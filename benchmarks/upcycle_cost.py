@@ -73,13 +73,14 @@ def dense_checkpoint(model: str, cache_dir: Path) -> tuple[Path, list[str]]:
 
 def memory_need(overrides: list[str], nproc: int) -> dict[str, int]:
     """Rough total bytes each path needs on the machine (all ranks), from parameter counts."""
-    from nemo_upcycle.config.compose import compose_config
     from nemo_upcycle.capacity.params import rank_params
+    from nemo_upcycle.config.compose import compose_config
+    from nemo_upcycle.config.parallel_sizes import expert_tensor_parallel
 
     cfg = compose_config(overrides)
     dense_cfg = compose_config(overrides + ["moe=dense"])
     par = cfg.parallel
-    etp = par.tp if par.etp is None else par.etp
+    etp = expert_tensor_parallel(par)
     moe = 4 * rank_params(cfg, 0, par.tp, par.ep, etp).total
     dense = 4 * rank_params(dense_cfg, 0, par.tp, 1, par.tp).total
     full = 4 * rank_params(dense_cfg, 0, 1, 1, 1).total

@@ -18,7 +18,6 @@ from omegaconf import OmegaConf, open_dict
 
 from nemo_upcycle.checkpoint.architecture import ARCH_KEYS, effective_head_dim, fill_and_compare
 from nemo_upcycle.checkpoint.embedded import EMBEDDED_PREFIX, ensure_embedded, is_embedded
-# Re-exported for upcycle/verify.py and training/job.py, which still import it from here.
 from nemo_upcycle.upcycle.errors import DenseCheckpointMismatch, UpcycleError
 from nemo_upcycle.upcycle.dense_keys import DenseKeyResolver
 

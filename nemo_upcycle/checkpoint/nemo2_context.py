@@ -62,7 +62,7 @@ def stated_architecture(root: Path) -> dict:
     ``{}`` when there is no readable context (the caller falls back to tensor shapes);
     :class:`UpcycleError` when the context names a model this project does not upcycle.
     """
-    config = _model_config(Path(root) / "context")
+    config = model_config(Path(root) / "context")
     if config is None:
         return {}
     cls = str(config.get("_target_", "")).rsplit(".", 1)[-1]
@@ -109,7 +109,7 @@ def _from_job(job: Any) -> dict:
     return stated
 
 
-def _model_config(context: Path) -> Optional[dict]:
+def model_config(context: Path) -> Optional[dict]:
     """``model.config`` of ``context/model.yaml`` as a dict (``_target_`` = its class), or None.
 
     Only model.yaml: it lists every field of the config. io.json (a fiddle graph) records

@@ -20,7 +20,7 @@ from nemo_upcycle.platform.launcher_env import (  # noqa: F401  (for the command
     is_rank0, launch_world_size, print_rank0, read_launch_env)
 
 
-def quiet_console(cfg) -> None:
+def set_up_console(cfg) -> None:
     """The project's messages once (rank 0), library chatter kept for the log file; see
     nemo_upcycle/platform/console.py. ``verbose=true`` shows everything as the libraries print it."""
     from nemo_upcycle.platform.console import quiet_console as setup

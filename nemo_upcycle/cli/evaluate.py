@@ -15,7 +15,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from nemo_upcycle.cli.common import CONFIG_DIR, is_rank0, launch_world_size, print_rank0, quiet_console, validated
+from nemo_upcycle.cli.common import CONFIG_DIR, is_rank0, launch_world_size, print_rank0, set_up_console, validated
 from nemo_upcycle.config.schema import register_configs
 
 register_configs()
@@ -29,7 +29,7 @@ def main(cfg: DictConfig) -> None:
     from nemo_upcycle.platform.console import log_to_file
     from nemo_upcycle.util.atomic import write_json_atomic
 
-    quiet_console(cfg)
+    set_up_console(cfg)
     with validated(cfg, launch_world_size(), "evaluate"):  # eval.* is checked with the rest of the config
         log_to_file(cfg.log_dir)  # library logs of each rank: ${log_dir}/logs/rank<k>.log
         result = evaluate_model(cfg, verbose=is_rank0())

@@ -16,7 +16,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from nemo_upcycle.cli.common import (CONFIG_DIR, fail, is_rank0, launch_world_size, print_rank0, quiet_console,
+from nemo_upcycle.cli.common import (CONFIG_DIR, fail, is_rank0, launch_world_size, print_rank0, set_up_console,
                                      validated)
 from nemo_upcycle.config.schema import register_configs
 
@@ -27,7 +27,7 @@ register_configs()
 def main(cfg: DictConfig) -> None:
     from nemo_upcycle.platform.console import log_to_file
 
-    quiet_console(cfg)  # library logs go to ${log_dir}/logs/rank<k>.log once log_dir is checked
+    set_up_console(cfg)  # library logs go to ${log_dir}/logs/rank<k>.log once log_dir is checked
     with validated(cfg, launch_world_size()):
         from nemo_upcycle.training.preflight import check_before_training
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from nemo_upcycle.cli.common import CONFIG_DIR, fail, launch_world_size, print_rank0, quiet_console, validated
+from nemo_upcycle.cli.common import CONFIG_DIR, fail, launch_world_size, print_rank0, set_up_console, validated
 from nemo_upcycle.config.schema import register_configs
 
 register_configs()
@@ -25,7 +25,7 @@ register_configs()
 def main(cfg: DictConfig) -> None:
     from nemo_upcycle.upcycle.verify import run_verify, verdict
 
-    quiet_console(cfg)  # verify writes no files: library chatter is shown only with verbose=true
+    set_up_console(cfg)  # verify writes no files: library chatter is shown only with verbose=true
     with validated(cfg, launch_world_size(), "verify"):
         lines, failed = verdict(run_verify(cfg))
     for line in lines:

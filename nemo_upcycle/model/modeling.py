@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from nemo_upcycle.checkpoint.architecture import effective_head_dim
+from nemo_upcycle.config.parallel_sizes import expert_tensor_parallel
 from nemo_upcycle.model.fused_paths import fused_paths_for_this_machine
 from nemo_upcycle.platform.cpu import gpu_available
 from nemo_upcycle.model.rope_scaling import apply_rope_scaling
-from nemo_upcycle.upcycle.routers import router_row
 from nemo_upcycle.upcycle.spec import UpcycleSpec
 
 
@@ -32,11 +32,6 @@ def transformer_engine_available() -> bool:
 
 def default_params_dtype() -> torch.dtype:
     return torch.bfloat16 if gpu_available() else torch.float32
-
-
-def router_settings(router: Any) -> dict:
-    """megatron-core router keywords for ``router.type`` (its row of the router table)."""
-    return router_row(router.type).megatron_settings(router)
 
 
 def is_moe(cfg: Any) -> bool:
@@ -97,13 +92,13 @@ def transformer_config_kwargs(
             moe_ffn_hidden_size=spec.expert_ffn_hidden_size,
             moe_layer_freq=spec.layer_pattern(),
             expert_model_parallel_size=par.ep,
-            expert_tensor_parallel_size=par.tp if par.etp is None else par.etp,
+            expert_tensor_parallel_size=expert_tensor_parallel(par),
             moe_token_dispatcher_type=moe.token_dispatcher,
             moe_expert_capacity_factor=moe.capacity_factor,
             moe_token_drop_policy=moe.drop_policy,
             moe_pad_expert_input_to_capacity=moe.pad_to_capacity,
             **{name: fused[name] for name in moe_only},
-            **router_settings(cfg.router),
+            **spec.router.megatron_settings(cfg.router),
         )
     kwargs.update(overrides)
     return kwargs

@@ -39,65 +39,6 @@ def resumable_checkpoint(cfg: Any) -> Optional[Path]:
     return resume._find_trainer_ckpt_path()
 
 
-def check_optimizer_matches_checkpoint(cfg: Any, checkpoint: Path) -> None:
-    """A checkpoint's optimizer state resumes at any parallel layout (the distributed
-    optimizer's is saved fully reshardable), but only with the optimizer that wrote it: the
-    distributed optimizer's state (with its fp32 main params, under other keys) and the plain
-    one's are different formats, and NeMo cannot convert one into the other (it fails while
-    restoring: ``KeyError: 'pre_wd_mult'`` one way, a missing ``optimizer.state.exp_avg.*``
-    tensor the other)."""
-    from nemo.lightning.io.pl import MegatronCheckpointIO
-
-    from nemo_upcycle.training.preflight import PreflightError
-
-    meta = MegatronCheckpointIO.load_content_metadata(checkpoint) or {}
-    saved = meta.get("distrib_optim_sharding_type", "fully_sharded_model_space") != "fully_sharded_model_space"
-    if saved != bool(cfg.trainer.distributed_optimizer):
-        raise PreflightError(
-            f"{checkpoint} was saved with trainer.distributed_optimizer={str(saved).lower()} and this run sets "
-            f"trainer.distributed_optimizer={str(bool(cfg.trainer.distributed_optimizer)).lower()}: the optimizer's "
-            f"state cannot be converted between the two. Resume with "
-            f"trainer.distributed_optimizer={str(saved).lower()} (any parallel layout works), or train into a new log_dir."
-        )
-    if meta.get("distrib_optim_sharding_type") == "dp_reshardable":  # NeMo's default format, not written here
-        saved_layout, layout = _saved_layout(checkpoint), _layout(cfg)
-        changed = {k: (saved_layout[k], v) for k, v in layout.items() if k in saved_layout and saved_layout[k] != v}
-        if changed:
-            raise PreflightError(
-                f"{checkpoint} holds a distributed optimizer state in NeMo's DP-only reshardable format, which "
-                f"cannot load at another model-parallel layout ({', '.join(f'parallel.{k}: saved {a}, now {b}' for k, (a, b) in changed.items())}). "
-                f"Resume at the saved layout: the checkpoints this job writes are fully reshardable and resume "
-                f"at any layout."
-            )
-
-
-_LAYOUT_KEYS = {"tensor_model_parallel_size": "tp", "pipeline_model_parallel_size": "pp",
-                "context_parallel_size": "cp", "expert_model_parallel_size": "ep", "expert_tensor_parallel_size": "etp"}
-
-
-def _layout(cfg: Any) -> dict:
-    par = cfg.parallel
-    out = {"tp": par.tp, "pp": par.pp, "cp": par.cp, "ep": par.ep, "etp": par.etp}
-    out["etp"] = out["tp"] if out["etp"] is None else out["etp"]
-    return out
-
-
-def _saved_layout(checkpoint: Path) -> dict:
-    """The parallel sizes in the checkpoint's model config (``context/model.yaml``)."""
-    import re
-
-    path = Path(checkpoint) / "context" / "model.yaml"
-    text = path.read_text() if path.is_file() else ""
-    out = {}
-    for key, name in _LAYOUT_KEYS.items():
-        m = re.search(rf"^\s+{key}: (\S+)$", text, re.M)
-        if m:
-            out[name] = None if m.group(1) == "null" else int(m.group(1))
-    if "etp" in out and out["etp"] is None:
-        out["etp"] = out.get("tp")
-    return out
-
-
 def _tokenizer(tokenizer_path: Optional[Path]):
     from nemo.collections.common.tokenizers.huggingface.auto_tokenizer import AutoTokenizer
 
@@ -275,13 +216,13 @@ def run_training(cfg: Any) -> dict:
     from nemo.lightning import AutoResume
 
     from nemo_upcycle.checkpoint.dense_source import open_dense_source
-    from nemo_upcycle.checkpoint.tokenizer_files import tokenizer_folder
-    from nemo_upcycle.checkpoint.tokenizer_files import tokenizer_only_folder
+    from nemo_upcycle.checkpoint.tokenizer_files import tokenizer_folder, tokenizer_only_folder
     from nemo_upcycle.data.prepare import resolve_data_paths
     from nemo_upcycle.training.callbacks import UpcycleMetrics
     from nemo_upcycle.training.guards import TrainingGuards
     from nemo_upcycle.training.cpu_compat import enable_nemo_cpu_support
     from nemo_upcycle.training.model_config import make_gpt_config
+    from nemo_upcycle.training.optimizer_state import check_optimizer_matches_checkpoint
     from nemo_upcycle.capacity.flops import flops_per_token
 
     enable_nemo_cpu_support()
@@ -292,7 +233,7 @@ def run_training(cfg: Any) -> dict:
         log.info("no MoE checkpoint in %s: upcycling online from %s", checkpoint_dir(cfg), upcycle_from)
     else:
         upcycle_from = None
-        check_optimizer_matches_checkpoint(cfg, resume_from)
+        check_optimizer_matches_checkpoint(cfg, resume_from)  # before anything is built
         log.info("resuming from %s (no upcycling)", resume_from)
     tokenizer_path = tokenizer_folder(cfg)  # an embedded model is imported first
     # NeMo copies the tokenizer folder into every checkpoint: give it the tokenizer files only,

@@ -1,4 +1,7 @@
-"""Resuming the optimizer at another expert-parallel layout (EP>1 <-> EP1).
+"""Resuming the optimizer at another layout: what can be resumed, and EP>1 <-> EP1.
+
+:func:`check_optimizer_matches_checkpoint` refuses, before anything is built, what cannot
+resume (the other optimizer; NeMo's DP-only format at another model-parallel layout).
 
 megatron-core builds its optimizer from parameter groups keyed by (wd_mult, lr_mult,
 is_expert_parallel, is_decoupled_lr). Expert weights are "expert parallel" only when
@@ -19,9 +22,13 @@ the dense group of the same wd/lr multipliers: the same hyper-parameters).
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from megatron.core.optimizer.optimizer import param_group_identifier_keys
+
+from nemo_upcycle.checkpoint.nemo2_context import model_config
+from nemo_upcycle.config.parallel_sizes import expert_tensor_parallel
 
 _EXPERT_KEY = param_group_identifier_keys.index("is_expert_parallel")
 
@@ -92,3 +99,53 @@ def _merge(base: Any, over: Any) -> Any:
             out[k] = _merge(base[k], v) if k in base else v
         return out
     return over
+
+
+def check_optimizer_matches_checkpoint(cfg: Any, checkpoint: Path) -> None:
+    """A checkpoint's optimizer state resumes at any parallel layout (the distributed
+    optimizer's is saved fully reshardable), but only with the optimizer that wrote it: the
+    distributed optimizer's state (with its fp32 main params, under other keys) and the plain
+    one's are different formats, and NeMo cannot convert one into the other (it fails while
+    restoring: ``KeyError: 'pre_wd_mult'`` one way, a missing ``optimizer.state.exp_avg.*``
+    tensor the other)."""
+    from nemo.lightning.io.pl import MegatronCheckpointIO
+
+    from nemo_upcycle.training.preflight import PreflightError
+
+    meta = MegatronCheckpointIO.load_content_metadata(checkpoint) or {}
+    saved = meta.get("distrib_optim_sharding_type", "fully_sharded_model_space") != "fully_sharded_model_space"
+    if saved != bool(cfg.trainer.distributed_optimizer):
+        raise PreflightError(
+            f"{checkpoint} was saved with trainer.distributed_optimizer={str(saved).lower()} and this run sets "
+            f"trainer.distributed_optimizer={str(bool(cfg.trainer.distributed_optimizer)).lower()}: the optimizer's "
+            f"state cannot be converted between the two. Resume with "
+            f"trainer.distributed_optimizer={str(saved).lower()} (any parallel layout works), or train into a new log_dir."
+        )
+    if meta.get("distrib_optim_sharding_type") == "dp_reshardable":  # NeMo's default format, not written here
+        saved_layout, layout = _saved_layout(checkpoint), _layout(cfg)
+        changed = {k: (saved_layout[k], v) for k, v in layout.items() if k in saved_layout and saved_layout[k] != v}
+        if changed:
+            raise PreflightError(
+                f"{checkpoint} holds a distributed optimizer state in NeMo's DP-only reshardable format, which "
+                f"cannot load at another model-parallel layout ({', '.join(f'parallel.{k}: saved {a}, now {b}' for k, (a, b) in changed.items())}). "
+                f"Resume at the saved layout: the checkpoints this job writes are fully reshardable and resume "
+                f"at any layout."
+            )
+
+
+_LAYOUT_KEYS = {"tensor_model_parallel_size": "tp", "pipeline_model_parallel_size": "pp",
+                "context_parallel_size": "cp", "expert_model_parallel_size": "ep", "expert_tensor_parallel_size": "etp"}
+
+
+def _layout(cfg: Any) -> dict:
+    par = cfg.parallel
+    return {"tp": par.tp, "pp": par.pp, "cp": par.cp, "ep": par.ep, "etp": expert_tensor_parallel(par)}
+
+
+def _saved_layout(checkpoint: Path) -> dict:
+    """The parallel sizes in the checkpoint's model config (``context/model.yaml``)."""
+    config = model_config(Path(checkpoint) / "context") or {}
+    out = {name: config[key] for key, name in _LAYOUT_KEYS.items() if key in config}
+    if "etp" in out and out["etp"] is None:
+        out["etp"] = out.get("tp")
+    return out
