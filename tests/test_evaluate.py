@@ -213,8 +213,8 @@ def test_perplexity_hand_checked():
 def test_summary_line_format():
     from nemo_upcycle.evaluation.runner import summary_line
 
-    assert summary_line({"mmlu_acc": 0.296, "n": 500, "ppl": 33.123456}) == "mmlu_acc=0.2960 n=500 ppl=33.1235"
-    assert summary_line({"mmlu_acc": float("nan"), "n": 0, "ppl": 2.0}) == "mmlu_acc=nan n=0 ppl=2.0000"
+    assert summary_line({"mmlu_acc": 0.296, "n": 500, "ppl": 33.123456}) == "mmlu_acc=0.2960 n=500 ppl=33.123456"
+    assert summary_line({"mmlu_acc": float("nan"), "n": 0, "ppl": 2.0}) == "mmlu_acc=nan n=0 ppl=2.000000"
 
 
 def test_eval_config_defaults_are_in_the_job_config():
@@ -287,7 +287,7 @@ def test_megatron_cli_tp1_matches_transformers(tiny_hf, hf_reference, tmp_path):
     result = {"ids": [q["id"] for q in saved["mmlu"]["questions"]], "n": saved["n"], "ppl": saved["ppl"],
               "scores": [q["scores"] for q in saved["mmlu"]["questions"]], "mmlu_acc": saved["mmlu_acc"]}
     _assert_same(result, hf_reference)
-    assert last == f"mmlu_acc={saved['mmlu_acc']:.4f} n=6 ppl={saved['ppl']:.4f}"
+    assert last == f"mmlu_acc={saved['mmlu_acc']:.4f} n=6 ppl={saved['ppl']:.6f}"
     assert set(saved["mmlu"]["subjects"]) == {q["subject"] for q in saved["mmlu"]["questions"]}
 
 

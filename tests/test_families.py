@@ -5,7 +5,7 @@ the family with its settings on (Llama 3.1/3.2 RoPE scaling over 1,024-token seq
 tied embeddings, an explicit head_dim, Qwen2's q/k/v biases, Qwen3's q/k norms, bf16
 weights): ``verify model=auto`` compares megatron-core's dense logits with transformers'
 (the independent side) and the upcycled E8T2 with the dense model at one multi-rank layout
-per family; ``import_dense`` writes every tensor exactly; ``export_hf`` writes a Mixtral
+per family; ``import_dense`` writes every tensor exactly; ``export_hf`` writes a Mixtral (Qwen2-MoE, Qwen3-MoE for the Qwen families)
 that transformers loads and that equals the dense model.
 """
 import json
@@ -75,12 +75,14 @@ def test_step0_mixtral_export_equals_the_dense_model_in_transformers(family, hf_
     assert r["max_abs_diff"] <= 1e-3 and r["generation_equal"], r
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
-def test_qwen_export_is_refused_until_its_moe_format_exists(family, hf_folders, tmp_path):
-    out = run_cli("nemo_upcycle.export_hf", "model=auto", f"model.dense_checkpoint={hf_folders[family]}",
-                  f"output_dir={tmp_path / 'out'}")
-    assert out.returncode == 2 and f"model.family={family}" in out.stderr, out.stderr[-2000:]
-    assert "Traceback" not in out.stderr and not (tmp_path / "out").exists()
+@pytest.mark.parametrize("family,arch", [("qwen2", "Qwen2MoeForCausalLM"), ("qwen3", "Qwen3MoeForCausalLM")])
+def test_step0_qwen_moe_export_equals_the_dense_model_in_transformers(family, arch, hf_folders, tmp_path):
+    from tests.workers.checkpoint_checks import hf_vs_hf
+
+    export(tmp_path / "moe", "model=auto", f"model.dense_checkpoint={hf_folders[family]}")
+    r = hf_vs_hf(str(hf_folders[family]), str(tmp_path / "moe"), batch=1, seq=256)
+    assert r["candidate_class"] == arch
+    assert r["max_abs_diff"] <= 1e-3 and r["generation_equal"], r
 
 
 def test_import_dense_writes_every_family_exactly(hf_folders, tmp_path):

@@ -34,6 +34,8 @@ def test_softmax_then_topk_scaling_law(tiny_dense_ckpt):
                             overrides=tiny(tiny_dense_ckpt, *common, "moe.weight_scaling=none"),
                             path=str(tiny_dense_ckpt), input_scale=1e-3)[0]
     factor = (8 / 2) ** (1 / 3)
+    for r in (scaled, unscaled):
+        assert not any(r["nonfinite"].values()) and not r["zeros_in_dense_fc1"], r
     assert scaled["fc1_ratio"] == pytest.approx(factor, rel=1e-5)
     assert scaled["fc2_ratio"] == pytest.approx(factor, rel=1e-5)
     # Without scaling the output is T/E = 1/4 of the dense FFN's: relative error 3/4.

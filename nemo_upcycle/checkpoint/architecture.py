@@ -38,10 +38,6 @@ class Family:
 
     qkv_bias: bool  # biases on q/k/v (Qwen2)
     qk_layernorm: bool  # per-head RMSNorm of queries and keys (Qwen3)
-    # The Hugging Face MoE architecture that computes the upcycled model, and whether
-    # nemo-upcycle writes it (Mixtral; Llama itself for moe=dense).
-    moe_architecture: str
-    exported: bool
     # Qwen configs state a sliding_window they do not use: only use_sliding_window (or
     # sliding layers in layer_types) switches it on.
     sliding_window_switch: bool = False
@@ -50,15 +46,16 @@ class Family:
         return dict(qkv_bias=self.qkv_bias, qk_layernorm=self.qk_layernorm)
 
 
+# Where each family is exported to: checkpoint/export_targets.py.
 FAMILIES = {
-    "llama": Family(False, False, "Mixtral", exported=True),  # Llama 2/3/3.1-3.3, SmolLM2, TinyLlama
-    "mistral": Family(False, False, "Mixtral", exported=True),  # Mistral without a sliding window
-    "qwen2": Family(True, False, "Qwen2-MoE", exported=False, sliding_window_switch=True),  # Qwen2, Qwen2.5
-    "qwen3": Family(False, True, "Qwen3-MoE", exported=False, sliding_window_switch=True),  # Qwen3 dense
+    "llama": Family(False, False),  # Llama 2/3/3.1-3.3, SmolLM2, TinyLlama
+    "mistral": Family(False, False),  # Mistral without a sliding window
+    "qwen2": Family(True, False, sliding_window_switch=True),  # Qwen2, Qwen2.5
+    "qwen3": Family(False, True, sliding_window_switch=True),  # Qwen3 dense
 }
-# MoE model types read back (this project's own export, through import_dense): the dense
-# family each one extends with an MoE FFN in every layer, and its config's expert count.
-MOE_READ_BACK = {"mixtral": ("llama", "num_local_experts")}
+# MoE model types read back (this project's own exports, through import_dense): each is a
+# dense family's attention with MoE FFNs (checkpoint/hf_moe_read_back.py).
+MOE_READ_BACK = ("mixtral", "qwen2_moe", "qwen3_moe", "glm4_moe")
 
 
 class ArchitectureError(UserError):
@@ -157,15 +154,15 @@ def stated_by_hf_config(config: dict, where: str = "config.json") -> dict:
     )
 
 
-def stated_by_hf_folder_config(config: dict, where: str = "config.json") -> tuple[dict, int]:
-    """(the architecture, experts per layer) of a Hugging Face folder's ``config.json``: a dense
-    family (0 experts), or an MoE type nemo-upcycle writes, read as its dense family."""
-    experts = 0
+def stated_by_hf_folder_config(config: dict, where: str = "config.json") -> tuple[dict, Any]:
+    """(the architecture, its MoE settings or None) of a Hugging Face folder's ``config.json``: a
+    dense family, or an MoE type nemo-upcycle writes, read as its dense family plus experts."""
+    from nemo_upcycle.checkpoint.hf_moe_read_back import read_back
+
+    moe = None
     if config.get("model_type") in MOE_READ_BACK:
-        family, experts_key = MOE_READ_BACK[config["model_type"]]
-        experts = int(config.get(experts_key, 0) or 0)
-        config = dict(config, model_type=family)
-    return stated_by_hf_config(config, where), experts
+        config, moe = read_back(config, where)
+    return stated_by_hf_config(config, where), moe
 
 
 def effective_head_dim(model: Any) -> int:

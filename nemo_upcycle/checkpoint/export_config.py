@@ -23,3 +23,10 @@ class ExportConfig:
     # dense Hugging Face folder.
     tokenizer: Optional[str] = None
     progress: bool = True
+    # The Hugging Face architecture to write: auto = the one that computes this configuration
+    # exactly (Mixtral, Qwen2-MoE, Qwen3-MoE, Llama/Qwen2/Qwen3 for a dense model), or a name
+    # such as qwen2_moe to ask for another exact one.
+    architecture: str = "auto"
+    # A capacity factor below E/k drops tokens in training; Hugging Face MoE models are
+    # dropless. true: export anyway, knowing inference will not drop (README: "Export").
+    dropless_inference: bool = False

@@ -1,8 +1,9 @@
 """``export_hf``'s job: check the request, find or make the MoE weights, write the folder."""
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from omegaconf import OmegaConf
 
@@ -36,12 +37,61 @@ def upcycled_source(cfg: Any):
     return ModelSource(chunks)
 
 
-def run_export(cfg: Any) -> dict:
-    """Every check first (no weight read, no file written), then one tensor at a time."""
+class CountingSource:
+    """A source that adds up what its reads cost (the export's summary line reports it)."""
+
+    def __init__(self, source):
+        self.source = source
+        self.bytes_read = 0
+        self.keys_read: set = set()
+
+    def __getattr__(self, name: str):
+        return getattr(self.source, name)
+
+    def read(self, requests):
+        stats = self.source.read(requests)
+        self.bytes_read += stats.bytes_read
+        self.keys_read |= stats.keys
+        return stats
+
+
+def optimizer_state_bytes(checkpoint) -> int:
+    """Bytes of optimizer state a torch_dist checkpoint stores (from its metadata: nothing read)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    total = 0
+    for key, md in checkpoint.metadata.state_dict_metadata.items():
+        if key.startswith("optimizer.") and isinstance(md, TensorStorageMetadata):
+            total += md.size.numel() * md.properties.dtype.itemsize
+    return total
+
+
+def trained_source(cfg: Any, overrides: Sequence[str]):
+    """The checkpoint ``export.checkpoint`` names, with ``cfg`` set to the job it was trained with."""
+    from nemo_upcycle.checkpoint.exporter import ExportError
+    from nemo_upcycle.checkpoint.stored_config import apply_stored_job
+    from nemo_upcycle.checkpoint.trained_checkpoint import find_checkpoint
+    from nemo_upcycle.upcycle.sources import CheckpointFormatError, TorchDistCheckpoint
+
+    trained = find_checkpoint(cfg.export.checkpoint)
+    apply_stored_job(cfg, trained, overrides)
+    try:
+        return trained, TorchDistCheckpoint(trained.weights)
+    except CheckpointFormatError as err:
+        raise ExportError(str(err)) from None
+
+
+def run_export(cfg: Any, overrides: Optional[Sequence[str]] = None) -> dict:
+    """Every check first (no weight read, no file written), then one tensor at a time.
+
+    ``overrides``: the command line's (default: Hydra's), checked against the configuration
+    a trained checkpoint states.
+    """
     from nemo_upcycle.checkpoint.dtypes import parse_dtype
     from nemo_upcycle.checkpoint.exporter import ExportError, check_exportable, export_hf
     from nemo_upcycle.checkpoint.dense_source import resolve_dense_model
-    from nemo_upcycle.upcycle.sources import CheckpointFormatError, TorchDistCheckpoint
+    from nemo_upcycle.checkpoint.generation_config import with_generation_config
+    from nemo_upcycle.checkpoint.stored_config import explicit_overrides
     from nemo_upcycle.util.atomic import refuse_existing
 
     ex = cfg.export
@@ -50,15 +100,32 @@ def run_export(cfg: Any) -> dict:
     output_dir = Path(ex.output_dir)
     refuse_existing(output_dir, ex.overwrite, ExportError)  # before anything is upcycled
     dtype = parse_dtype(ex.dtype, ExportError)
-    if not ex.checkpoint:
+    trained = checkpoint = None
+    if ex.checkpoint:
+        trained, checkpoint = trained_source(cfg, explicit_overrides() if overrides is None else overrides)
+    else:
         resolve_dense_model(cfg)  # model=auto: the architecture from the dense checkpoint
     check_exportable(cfg)  # before any weight is read or upcycled
-    if ex.checkpoint:
-        try:
-            source = TorchDistCheckpoint(ex.checkpoint)
-        except CheckpointFormatError as err:
-            raise ExportError(str(err)) from None
-    else:
-        source = upcycled_source(cfg)
-    return export_hf(source, cfg, output_dir, tokenizer_dir=tokenizer_dir(cfg), overwrite=ex.overwrite,
-                     dtype=dtype, max_shard_bytes=int(ex.max_shard_size_gb * 1e9), progress=ex.progress)
+    source = CountingSource(checkpoint if checkpoint is not None else upcycled_source(cfg))
+    with tempfile.TemporaryDirectory(prefix="export-tokenizer-") as staging:
+        tokenizer = with_generation_config(tokenizer_dir(cfg), Path(staging) / "tokenizer")
+        summary = export_hf(source, cfg, output_dir, tokenizer_dir=tokenizer, overwrite=ex.overwrite,
+                            dtype=dtype, max_shard_bytes=int(ex.max_shard_size_gb * 1e9), progress=ex.progress)
+    if trained is not None:
+        summary.update(checkpoint=str(trained.root), bytes_read=source.bytes_read,
+                       optimizer_bytes_skipped=optimizer_state_bytes(checkpoint),
+                       keys_read=sorted(source.keys_read), config_from_checkpoint=trained.job is not None)
+    return summary
+
+
+def summary_line(summary: dict, output_dir: str) -> str:
+    """The export's one line: what was written, from what, what it cost."""
+    line = (f"exported {summary['architecture']}: {summary['tensors']} tensors in {summary['shards']} shard(s), "
+            f"{summary['bytes'] / 1e6:.1f} MB in {summary['seconds']:.1f}s -> {output_dir}")
+    if summary.get("checkpoint"):
+        line += (f" (from {summary['checkpoint']}"
+                 + (", its stored model/moe/router config" if summary["config_from_checkpoint"] else "")
+                 + f"; read {summary['bytes_read'] / 1e6:.1f} MB"
+                 + (f", {summary['optimizer_bytes_skipped'] / 1e6:.1f} MB of optimizer state left unread"
+                    if summary["optimizer_bytes_skipped"] else "") + ")")
+    return line

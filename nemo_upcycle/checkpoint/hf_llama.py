@@ -1,4 +1,4 @@
-"""Mapping between Hugging Face Llama-family / Mixtral tensors and megatron-core GPTModel tensors.
+"""Mapping between Hugging Face Llama-family / MoE (Mixtral, Qwen2-MoE, Qwen3-MoE) tensors and megatron-core GPTModel tensors.
 
 Llama, Mistral, Qwen2 (q/k/v biases) and Qwen3 (q/k norms) share one layout; the flags of
 :class:`LlamaShape` add the family's extra tensors.
@@ -23,6 +23,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
+from nemo_upcycle.checkpoint.hf_moe_layouts import layout
+
 
 # Canonical megatron names within a layer.
 ATTN_NORM = "self_attention.linear_qkv.layer_norm_weight"
@@ -35,6 +37,7 @@ MLP_NORM = "mlp.linear_fc1.layer_norm_weight"
 FC1 = "mlp.linear_fc1.weight"
 FC2 = "mlp.linear_fc2.weight"
 ROUTER = "mlp.router.weight"
+ROUTER_BIAS = "mlp.router.expert_bias"  # router=aux_free: added to the scores for the choice only
 EXPERT_FC1 = "mlp.experts.experts.linear_fc1.weight"
 EXPERT_FC2 = "mlp.experts.experts.linear_fc2.weight"
 EXPERT_NAMES = (EXPERT_FC1, EXPERT_FC2)
@@ -66,6 +69,8 @@ class LlamaShape:
     num_experts: int = 0
     moe_layers: list = field(default_factory=list)  # layer indices with an MoE FFN
     dense_ffn_hidden_size: Optional[int] = None  # FFN width of layers left dense
+    moe_layout: str = "mixtral"  # how the HF MoE layers are named (checkpoint/hf_moe_layouts.py)
+    shared_expert_width: int = 1  # of the inert shared expert (Qwen2-MoE, GLM-4-MoE)
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.num_experts > 0 and layer in set(self.moe_layers)
@@ -128,13 +133,14 @@ def llama_boxes(shape: LlamaShape) -> list[Box]:
         boxes.append(_rows_box(p + "self_attn.o_proj.weight", (i, PROJ, None), h))
         boxes.append(_rows_box(p + "post_attention_layernorm.weight", (i, MLP_NORM, None), h))
         if shape.is_moe_layer(i):
-            f = shape.ffn_hidden_size
-            boxes.append(_rows_box(p + "block_sparse_moe.gate.weight", (i, ROUTER, None), shape.num_experts))
+            f, lay = shape.ffn_hidden_size, layout(shape.moe_layout)
+            boxes.append(_rows_box(lay.router(p), (i, ROUTER, None), shape.num_experts))
+            if lay.router_bias:
+                boxes.append(_rows_box(lay.router_bias_name(p), (i, ROUTER_BIAS, None), shape.num_experts))
             for e in range(shape.num_experts):
-                q = f"{p}block_sparse_moe.experts.{e}."
-                boxes.append(Box(q + "w1.weight", 0, f, (i, EXPERT_FC1, e), 0))
-                boxes.append(Box(q + "w3.weight", 0, f, (i, EXPERT_FC1, e), f))
-                boxes.append(_rows_box(q + "w2.weight", (i, EXPERT_FC2, e), h))
+                boxes.append(Box(lay.expert(p, e, lay.gate), 0, f, (i, EXPERT_FC1, e), 0))
+                boxes.append(Box(lay.expert(p, e, lay.up), 0, f, (i, EXPERT_FC1, e), f))
+                boxes.append(_rows_box(lay.expert(p, e, lay.down), (i, EXPERT_FC2, e), h))
         else:
             f = shape.dense_ffn_hidden_size or shape.ffn_hidden_size
             boxes.append(Box(p + "mlp.gate_proj.weight", 0, f, (i, FC1, None), 0))
@@ -166,13 +172,15 @@ def hf_shapes(shape: LlamaShape) -> dict[str, tuple[int, ...]]:
         out[p + "self_attn.o_proj.weight"] = (h, shape.num_attention_heads * d)
         out[p + "post_attention_layernorm.weight"] = (h,)
         if shape.is_moe_layer(i):
-            f = shape.ffn_hidden_size
-            out[p + "block_sparse_moe.gate.weight"] = (shape.num_experts, h)
+            f, lay = shape.ffn_hidden_size, layout(shape.moe_layout)
+            out[lay.router(p)] = (shape.num_experts, h)
+            if lay.router_bias:
+                out[lay.router_bias_name(p)] = (shape.num_experts,)
             for e in range(shape.num_experts):
-                q = f"{p}block_sparse_moe.experts.{e}."
-                out[q + "w1.weight"] = (f, h)
-                out[q + "w2.weight"] = (h, f)
-                out[q + "w3.weight"] = (f, h)
+                out[lay.expert(p, e, lay.gate)] = (f, h)
+                out[lay.expert(p, e, lay.down)] = (h, f)
+                out[lay.expert(p, e, lay.up)] = (f, h)
+            out.update(lay.inert_shapes(p, h, shape.shared_expert_width))
         else:
             f = shape.dense_ffn_hidden_size or shape.ffn_hidden_size
             out[p + "mlp.gate_proj.weight"] = (f, h)
@@ -182,6 +190,13 @@ def hf_shapes(shape: LlamaShape) -> dict[str, tuple[int, ...]]:
     if not shape.tie_embeddings:
         out["lm_head.weight"] = (shape.vocab_size, h)
     return out
+
+
+def inert_shapes(shape: LlamaShape) -> dict[str, tuple[int, ...]]:
+    """The HF tensors no megatron tensor maps to: zeros the architecture requires (see hf_moe_layouts)."""
+    lay = layout(shape.moe_layout)
+    return {name: s for i in shape.moe_layers if shape.is_moe_layer(i)
+            for name, s in lay.inert_shapes(f"model.layers.{i}.", shape.hidden_size, shape.shared_expert_width).items()}
 
 
 def canonical_shapes(boxes: list[Box], hf: dict[str, tuple[int, ...]]) -> dict[Canonical, tuple[int, ...]]:

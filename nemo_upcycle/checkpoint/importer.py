@@ -1,7 +1,7 @@
 """Import a Llama-architecture model (HF folder or GGUF) into a torch_dist checkpoint, streaming.
 
 The result is a megatron-core distributed checkpoint, the format online upcycling reads
-and NeMo 2 / Megatron use. A dense Llama becomes a dense GPTModel checkpoint; a Mixtral
+and NeMo 2 / Megatron use. A dense Llama becomes a dense GPTModel checkpoint; an MoE
 folder (e.g. one written by ``nemo_upcycle.export_hf``) becomes an MoE GPTModel
 checkpoint. No model is instantiated: the checkpoint layout comes from a model built on
 the ``meta`` device, and each chunk (one layer's tensor) is read from the source and
@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from nemo_upcycle.checkpoint.hf_llama import LlamaShape
+from nemo_upcycle.checkpoint.hf_moe_read_back import MoeFolderError, MoeReadBack, check_inert
 from nemo_upcycle.checkpoint.tokenizer_files import is_gguf_copy
 from nemo_upcycle.errors import UserError
 from nemo_upcycle.util.atomic import refuse_existing, write_folder_atomic
@@ -29,15 +30,21 @@ class ImportError_(UserError):
     """A source that cannot be imported; the message names the problem and the fix."""
 
 
-def template_overrides(stated: dict, shape: LlamaShape, topk: int = 2) -> list[str]:
-    """Hydra overrides of the model whose checkpoint layout the import writes."""
+def template_overrides(stated: dict, shape: LlamaShape, topk: int = 2, moe: Optional[MoeReadBack] = None) -> list[str]:
+    """Hydra overrides of the model whose checkpoint layout the import writes.
+
+    ``moe`` (an MoE folder's settings) gives the granularity and router; without it the MoE
+    is E experts of width ``shape.ffn_hidden_size`` routed top-``topk`` (G = 1).
+    """
     base = ["model=auto", "model.name=import", "model.dense_checkpoint=none",
             *(f"model.{k}={'null' if v is None else v}" for k, v in stated.items())]
     if shape.num_experts == 0:
         return base + ["moe=dense"]
+    moe = moe or MoeReadBack(shape.num_experts, topk)
+    experts, coarse_topk = moe.coarse()
     layers = "all" if len(shape.moe_layers) == shape.num_layers else "[" + ",".join(map(str, shape.moe_layers)) + "]"
-    return base + ["moe=e8t2", f"moe.num_experts={shape.num_experts}", f"moe.topk={topk}",
-                   "moe.granularity=1", f"moe.layers={layers}"]
+    return base + ["moe=e8t2", f"moe.num_experts={experts}", f"moe.topk={coarse_topk}",
+                   f"moe.granularity={moe.granularity}", f"moe.layers={layers}", f"router={moe.router}"]
 
 
 def check_output_dir(output_dir: Path, overwrite: bool) -> None:
@@ -46,13 +53,14 @@ def check_output_dir(output_dir: Path, overwrite: bool) -> None:
 
 def import_source(source, stated: dict, output_dir: Path, overwrite: bool = False,
                   dtype: Optional[torch.dtype] = None, progress: bool = True, topk: int = 2,
+                  moe: Optional[MoeReadBack] = None,
                   info: Optional[dict] = None) -> dict:
     """Write the torch_dist checkpoint of ``source`` (a :class:`MappedHFSource`)."""
     from nemo_upcycle.checkpoint.dist_writer import meta_model_template, write_streaming
 
     output_dir = Path(output_dir)
     check_output_dir(output_dir, overwrite)
-    tensors, objects = meta_model_template(template_overrides(stated, source.shape, topk))
+    tensors, objects = meta_model_template(template_overrides(stated, source.shape, topk, moe))
     have = source.tensor_shapes()
     for t in tensors:
         if t.key not in have or tuple(have[t.key]) != tuple(t.global_shape):
@@ -80,6 +88,7 @@ def import_source(source, stated: dict, output_dir: Path, overwrite: bool = Fals
 
 def import_hf_folder(folder: Path, output_dir: Path, overwrite: bool = False,
                      dtype: Optional[torch.dtype] = None, progress: bool = True) -> dict:
+    from nemo_upcycle.checkpoint.architecture import stated_by_hf_folder_config
     from nemo_upcycle.checkpoint.safetensors_source import HFFormatError, SafetensorsSource
 
     check_output_dir(Path(output_dir), overwrite)
@@ -87,8 +96,16 @@ def import_hf_folder(folder: Path, output_dir: Path, overwrite: bool = False,
         source = SafetensorsSource(folder)
     except HFFormatError as err:
         raise ImportError_(str(err)) from None
-    topk = int(source.folder.config.get("num_experts_per_tok", 2) or 2)
-    return import_source(source, source.folder.stated, output_dir, overwrite, dtype, progress, topk)
+    config = source.folder.config
+    moe = None
+    if source.shape.num_experts:
+        _, moe = stated_by_hf_folder_config(config, str(source.path / "config.json"))
+        try:
+            check_inert(source.folder, source.shape, source.path)  # before anything is written
+        except MoeFolderError as err:
+            raise ImportError_(str(err)) from None
+    topk = int(config.get("num_experts_per_tok", 2) or 2)
+    return import_source(source, source.folder.stated, output_dir, overwrite, dtype, progress, topk, moe)
 
 
 def import_gguf(gguf_file: Path, output_dir: Path, overwrite: bool = False,

@@ -123,3 +123,38 @@ def model_config(context: Path) -> Optional[dict]:
         return None  # missing or unreadable
     config = model.get("config") if isinstance(model, dict) else None
     return config if isinstance(config, dict) else None
+
+
+def stored_job(root: Path) -> Optional[dict]:
+    """The whole job configuration this project's training job stored in ``root/context``.
+
+    ``UpcycleGPTConfig.job`` is the resolved Hydra configuration of the launch that saved
+    the checkpoint (NeMo writes it into model.yaml with the rest of the model config), so it
+    travels with the checkpoint. None for checkpoints other tools wrote.
+    """
+    config = model_config(Path(root) / "context")
+    if config is None or str(config.get("_target_", "")).rsplit(".", 1)[-1] != _OWN_CONFIG:
+        return None
+    job = config.get("job")
+    return job if isinstance(job, dict) else None
+
+
+def context_tokenizer(root: Path) -> Optional[Path]:
+    """The tokenizer folder NeMo copied into ``root/context`` (None when there is none).
+
+    NeMo copies the tokenizer's folder into the context and records its new, relative
+    name as the tokenizer's ``pretrained_model_name`` in model.yaml.
+    """
+    from nemo_upcycle.checkpoint.tokenizer_files import has_tokenizer
+
+    context = Path(root) / "context"
+    try:
+        model = yaml.safe_load((context / "model.yaml").read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    tokenizer = model.get("tokenizer") if isinstance(model, dict) else None
+    name = tokenizer.get("pretrained_model_name") if isinstance(tokenizer, dict) else None
+    for folder in ([context / str(name)] if name else []) + [context / "nemo_tokenizer"]:
+        if has_tokenizer(folder):
+            return folder
+    return None

@@ -87,13 +87,18 @@ def stated_and_shape(config: dict, where: str) -> tuple[dict, LlamaShape]:
     an MoE FFN in every layer.
     """
     from nemo_upcycle.checkpoint.architecture import ArchitectureError, stated_by_hf_folder_config
+    from nemo_upcycle.checkpoint.hf_moe_read_back import MoeFolderError
 
     try:
-        stated, experts = stated_by_hf_folder_config(config, where)
-    except ArchitectureError as err:
+        stated, moe = stated_by_hf_folder_config(config, where)
+    except (ArchitectureError, MoeFolderError) as err:
         raise HFFormatError(str(err)) from None
-    layers = stated["num_layers"]
-    shape = LlamaShape.of_model(stated, num_experts=experts, moe_layers=list(range(layers)) if experts else [])
+    if moe is None or not moe.num_experts:
+        return stated, LlamaShape.of_model(stated)
+    shape = LlamaShape.of_model(stated, num_experts=moe.num_experts, moe_layers=moe.moe_layers,
+                                dense_ffn_hidden_size=moe.dense_ffn_hidden_size, moe_layout=moe.layout,
+                                shared_expert_width=moe.shared_expert_width)
+    shape.ffn_hidden_size = moe.expert_ffn_hidden_size
     return stated, shape
 
 

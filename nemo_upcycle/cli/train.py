@@ -35,11 +35,14 @@ def main(cfg: DictConfig) -> None:
         log_file = log_to_file(cfg.log_dir)  # only now: a rejected command leaves no file behind
         from nemo_upcycle.training.guards import TrainingStopped
         from nemo_upcycle.training.job import run_training
+        from nemo_upcycle.training.preemption import TrainingPreempted
 
         try:
             summary = run_training(cfg)
         except TrainingStopped as err:
             report_stop(err)
+        except TrainingPreempted as err:
+            report_preemption(err)
     from nemo_upcycle.training.job import finished_line
 
     print_rank0(finished_line(summary, log_file))
@@ -52,6 +55,22 @@ def report_stop(err) -> None:
     if err.every_rank or is_rank0():
         print(f"error: {err}", file=sys.stderr, flush=True)
     fail(EXIT_CODE)
+
+
+def report_preemption(err) -> None:
+    """Stopped on SIGUSR1/SIGTERM (nemo_upcycle/training/preemption.py): exit status 75 once
+    the checkpoint is complete. Every rank leaves together, after all are through Lightning's
+    teardown: under ``srun --kill-on-bad-exit`` a rank still tearing down would be killed and
+    srun would report the kill's status instead of 75."""
+    import torch.distributed as dist
+
+    from nemo_upcycle.training.preemption import EXIT_CODE
+
+    if dist.is_initialized():
+        dist.barrier()
+    if is_rank0():
+        print(f"{'stopped' if err.saved else 'error'}: {err}", file=sys.stderr, flush=True)
+    fail(EXIT_CODE if err.saved else 1)
 
 
 if __name__ == "__main__":

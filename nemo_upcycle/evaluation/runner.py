@@ -115,10 +115,12 @@ def evaluate_model(cfg: Any, verbose: bool = False) -> dict:
 
 
 def summary_line(result: dict) -> str:
-    def fmt(x: float) -> str:
-        return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
+    """The last line. Perplexity to 6 decimals: an export is checked against its checkpoint by
+    comparing the two commands' values, which agree to ~1e-6 relative, not just 1e-4."""
+    def fmt(x: float, digits: int) -> str:
+        return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
-    return f"mmlu_acc={fmt(result['mmlu_acc'])} n={result['n']} ppl={fmt(result['ppl'])}"
+    return f"mmlu_acc={fmt(result['mmlu_acc'], 4)} n={result['n']} ppl={fmt(result['ppl'], 6)}"
 
 
 def print_report(result: dict, console=None) -> None:
@@ -141,7 +143,7 @@ def print_report(result: dict, console=None) -> None:
         console.print(table)
     detail = result.get("ppl_detail")
     if detail:
-        console.print(f"held-out perplexity (lee_background.cor): {detail['ppl']:.4f} over "
+        console.print(f"held-out perplexity (lee_background.cor): {detail['ppl']:.6f} over "
                       f"{detail['tokens_scored']} tokens in {detail['windows']} windows of {detail['seq_length']}")
     if result.get("seconds"):
         console.print("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in result["seconds"].items()))

@@ -220,6 +220,7 @@ def run_training(cfg: Any) -> dict:
     from nemo_upcycle.data.prepare import resolve_data_paths
     from nemo_upcycle.training.callbacks import UpcycleMetrics
     from nemo_upcycle.training.guards import TrainingGuards
+    from nemo_upcycle.training.preemption import PreemptionStop
     from nemo_upcycle.training.cpu_compat import enable_nemo_cpu_support
     from nemo_upcycle.training.model_config import make_gpt_config
     from nemo_upcycle.training.optimizer_state import check_optimizer_matches_checkpoint
@@ -243,7 +244,8 @@ def run_training(cfg: Any) -> dict:
 
     model = llm.GPTModel(make_gpt_config(cfg, upcycle_from), optim=build_optimizer(cfg), tokenizer=tokenizer)
     metrics = UpcycleMetrics(cfg, Path(cfg.log_dir), flops_per_token(cfg, cfg.trainer.seq_length).training)
-    trainer, logger = build_trainer(cfg, [metrics, TrainingGuards(cfg, metrics)])  # guards reuse the metrics' router stats
+    # Guards reuse the metrics' router stats; the preemption stop acts last, on a logged step.
+    trainer, logger = build_trainer(cfg, [metrics, TrainingGuards(cfg, metrics), PreemptionStop()])
     resume = AutoResume(resume_if_exists=True, resume_ignore_no_checkpoint=True,
                         resume_from_directory=str(checkpoint_dir(cfg)))
     llm.train(model=model, data=data, trainer=trainer, log=logger, resume=resume, tokenizer=None)

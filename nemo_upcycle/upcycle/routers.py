@@ -3,7 +3,8 @@
 A row holds what the rest of the code asks about a router: the megatron-core settings that
 select it, whether its chosen weights sum to one (which makes upcycling exact at step 0
 with identical experts), how expert weights are scaled to keep the FFN's output, the
-load-balancing setting it requires, and the Hugging Face architecture that computes it.
+load-balancing setting it requires, and the routing it computes at inference (which decides
+the Hugging Face architecture it exports to).
 """
 from __future__ import annotations
 
@@ -27,9 +28,13 @@ class RouterRow:
     required_load_balancing: Optional[str] = None
     # Why, for the message when another one is configured ("" : just "needs ...").
     balancing_reason: str = ""
-    # The Hugging Face architecture that computes exactly this routing; None with the reason.
-    export_target: Optional[str] = None
-    export_refusal: str = ""
+    # The routing megatron-core computes with this router in eval mode, which an exported
+    # model must compute (checkpoint/export_targets.py): "topk_softmax" (softmax over the k
+    # chosen logits), "softmax_topk" (softmax over all experts, top-k, not renormalised) or
+    # "sigmoid_bias" (sigmoid scores, a per-expert bias added for the choice only, the
+    # chosen scores renormalised when k > 1); and, when it differs, with one chosen expert.
+    inference_routing: str = "topk_softmax"
+    inference_routing_top1: Optional[str] = None
 
     def megatron_settings(self, router: Any) -> dict:
         return dict(
@@ -40,6 +45,10 @@ class RouterRow:
             **self.megatron,
         )
 
+    def routing_at_inference(self, fine_topk: int) -> str:
+        """What megatron-core computes in eval mode with ``fine_topk`` (T·G) chosen experts."""
+        return self.inference_routing_top1 if fine_topk == 1 and self.inference_routing_top1 else self.inference_routing
+
     def exact_at_step0(self, fine_topk: int) -> bool:
         """Identical experts reproduce the dense FFN exactly under this routing."""
         return self.weights_sum_to_one and (fine_topk > 1 or self.top1_weight_is_one)
@@ -49,24 +58,21 @@ ROUTERS: dict[str, RouterRow] = {
     row.type: row
     for row in (
         # Mixtral's order: top-k of the logits, then softmax over the k chosen (the paper's).
-        RouterRow("topk_softmax", dict(moe_router_pre_softmax=False), auto_scaling="fc2_granularity",
-                  export_target="mixtral"),
+        RouterRow("topk_softmax", dict(moe_router_pre_softmax=False), auto_scaling="fc2_granularity"),
         # Softmax over all experts, then top-k: the k weights sum to about k/E at step 0.
         RouterRow("softmax_topk", dict(moe_router_pre_softmax=True), weights_sum_to_one=False,
-                  auto_scaling="cube_root",
-                  export_refusal="softmax over all experts, then top-k without renormalising "
-                                 "(Mixtral renormalises over the chosen experts)"),
-        # Sinkhorn balancing: megatron-core routes by the balanced scores during training only.
+                  auto_scaling="cube_root", inference_routing="softmax_topk"),
+        # Sinkhorn balancing: megatron-core chooses by the balanced scores during training
+        # only; in eval mode (Router.sinkhorn_load_balancing) it takes the top-k of the softmax
+        # over all experts, weights not renormalised, or with k = 1 the sigmoid of the top logit.
         RouterRow("sinkhorn", dict(moe_router_pre_softmax=False), weights_sum_to_one=False,
-                  required_load_balancing="sinkhorn",
-                  export_refusal="megatron-core routes with Sinkhorn-balanced scores in training, "
-                                 "which no Hugging Face MoE computes"),
+                  required_load_balancing="sinkhorn", inference_routing="softmax_topk",
+                  inference_routing_top1="sigmoid"),
         # DeepSeek-V3's auxiliary-loss-free balancing: sigmoid scores, a bias updated from the load.
         RouterRow("aux_free", dict(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
                                    moe_router_bias_update_rate=1e-3),
                   top1_weight_is_one=False, auto_scaling="fc2_granularity", required_load_balancing="none",
-                  balancing_reason="balances with an expert bias",
-                  export_refusal="sigmoid scores with a per-expert bias have no Mixtral equivalent"),
+                  balancing_reason="balances with an expert bias", inference_routing="sigmoid_bias"),
     )
 }
 ROUTER_TYPES = tuple(ROUTERS)

@@ -40,7 +40,12 @@ def moe_layer_vs_dense_ffn(overrides: list[str], path: str, input_scale: float =
     f = cfg.model.ffn_hidden_size
     # Expert 0 holds slice 0: gate rows [0, width) and up rows [F, F + width) of the dense fc1.
     dense_slice_fc1 = torch.cat([dense_fc1[:width], dense_fc1[f:f + width]])
+    # Where a ratio below is NaN, these say which side held the NaN (or a 0/0) and how often.
+    nonfinite = {name: int((~torch.isfinite(t)).sum()) for name, t in
+                 (("expert_fc1", expert_fc1), ("dense_fc1", dense_slice_fc1), ("y_moe", y_moe), ("y_dense", y_dense))}
     return {
+        "nonfinite": nonfinite,
+        "zeros_in_dense_fc1": int((dense_slice_fc1 == 0).sum()),
         "rel_diff": float((y_moe - y_dense).norm() / y_dense.norm()),
         "max_abs_diff": float((y_moe - y_dense).abs().max()),
         "fc1_ratio": float((expert_fc1 / dense_slice_fc1).median()),

@@ -89,6 +89,53 @@ def _kill_a_rank_when(nproc: int, overrides: list[str], log_dir: Path, ready, wh
             pass
 
 
+def run_keeping_a_checkpoint(nproc: int, overrides: list[str], log_dir: Path, after_step: int, into: Path,
+                             timeout_s: float = 420) -> subprocess.CompletedProcess:
+    """Run the job to its end, and keep the checkpoint saved after ``after_step`` in
+    ``into``'s checkpoint folder (as a relaunch there would find it), although the job later
+    replaces it with its last one: one launch is then both the uninterrupted reference and the
+    checkpoint to resume from. The files are hard-linked the moment NeMo has finished writing
+    them (its ``-unfinished`` marker gone), which takes milliseconds and survives the job
+    deleting the folder afterwards."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    ckpt_dir = log_dir / "upcycle" / "checkpoints"
+    name = f"-step={after_step - 1}-"  # NeMo's global_step counts from 0
+    log = log_dir.with_name(log_dir.name + ".log")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    kept = None
+    with open(log, "w") as out:
+        proc = subprocess.Popen(train_command(nproc, overrides), stdout=out, stderr=subprocess.STDOUT,
+                                text=True, cwd=REPO, env=env, start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            if kept is None:
+                kept = _link_when_complete(ckpt_dir, name, into / "upcycle" / "checkpoints")
+            time.sleep(0.02)
+        if proc.poll() is None:
+            raise AssertionError(f"training did not finish within {timeout_s}s:\n{log.read_text()[-4000:]}")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert kept is not None or proc.returncode != 0, f"no complete checkpoint{name}* was seen in {ckpt_dir}"
+    return subprocess.CompletedProcess(proc.args, proc.returncode, log.read_text(), "")
+
+
+def _link_when_complete(ckpt_dir: Path, name: str, into: Path):
+    """Hard-link the complete checkpoint whose name holds ``name`` into ``into``; None if none yet."""
+    import shutil
+
+    if not ckpt_dir.is_dir():
+        return None
+    for path in ckpt_dir.iterdir():
+        if name in path.name and path.is_dir() and not (ckpt_dir / (path.name + "-unfinished")).exists():
+            into.mkdir(parents=True, exist_ok=True)
+            return Path(shutil.copytree(path, into / path.name, copy_function=os.link))
+    return None
+
+
 def read_metrics(log_dir: Path) -> list[dict]:
     path = log_dir / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
@@ -96,3 +143,67 @@ def read_metrics(log_dir: Path) -> list[dict]:
 
 def losses_by_step(log_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(log_dir) if "loss" in r}
+
+
+def run_and_signal_workers(nproc: int, overrides: list[str], log_dir: Path, signals: list,
+                           timeout_s: float = 420) -> tuple[subprocess.CompletedProcess, float]:
+    """Start the job and deliver signals to its workers the way Slurm delivers them to the
+    tasks of a step: to each training process and every process it started, one rank at a
+    time, not through the launcher. ``signals``: ``(ready, ranks, signal)`` in order, each sent to those global
+    ranks once ``ready()`` holds. Returns the result and the seconds from the first signal to
+    the job's exit. Output goes to a file, as in :func:`_kill_a_rank_when`."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    log = log_dir.with_name(log_dir.name + "-signalled.log")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as out:
+        proc = subprocess.Popen(train_command(nproc, overrides), stdout=out, stderr=subprocess.STDOUT,
+                                text=True, cwd=REPO, env=env, start_new_session=True)
+    deadline, first_signal, workers, next_lookup = time.monotonic() + timeout_s, None, {}, 0.0
+    try:
+        for ready, ranks, sig in signals:
+            while len(workers) < nproc or not ready():  # the workers found first: the signal follows at once
+                if proc.poll() is not None:
+                    raise AssertionError(f"the job ended before it was due {sig.name}:\n{log.read_text()[-4000:]}")
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"not due {sig.name} within {timeout_s:.0f}s:\n{log.read_text()[-4000:]}")
+                if len(workers) < nproc and time.monotonic() > next_lookup:
+                    workers, next_lookup = workers_by_rank(proc.pid), time.monotonic() + 0.5
+                time.sleep(0.02)
+            for rank in ranks:
+                # Every process of that rank (torchrun starts each worker in its own process
+                # group): Slurm signals all processes of a step, the save's helpers included.
+                os.killpg(workers[rank], sig)
+            first_signal = first_signal or time.monotonic()
+        returncode = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        return subprocess.CompletedProcess(proc.args, returncode, log.read_text(), ""), time.monotonic() - first_signal
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # stragglers, if any
+        except ProcessLookupError:
+            pass
+
+
+def workers_by_rank(launcher_pid: int) -> dict[int, int]:
+    """torchrun's workers (its child processes), by the global rank in their environment."""
+    pids = subprocess.run(["pgrep", "-P", str(launcher_pid), "-f", "nemo_upcycle.train"],
+                          capture_output=True, text=True).stdout.split()
+    ranks = {}
+    for pid in pids:
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except FileNotFoundError:  # gone meanwhile
+            continue
+        rank = next((int(v.split(b"=", 1)[1]) for v in environ if v.startswith(b"RANK=")), None)
+        if rank is not None:
+            ranks[rank] = int(pid)
+    return ranks
+
+
+def logged_step(log_dir: Path, step: int):
+    """A ``ready`` predicate: rank 0 has written ``step``'s line to metrics.jsonl."""
+    return lambda: any(r["step"] >= step for r in read_metrics(log_dir))
+
+
+def saving(log_dir: Path):
+    """A ``ready`` predicate: NeMo is writing a checkpoint (its ``-unfinished`` marker exists)."""
+    return lambda: any((log_dir / "upcycle" / "checkpoints").glob("*-unfinished"))
