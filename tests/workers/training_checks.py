@@ -53,17 +53,25 @@ def run_and_kill_a_rank_during_save(nproc: int, overrides: list[str], log_dir: P
                              "a checkpoint save", timeout_s, poll_s=0.02)
 
 
+def _start_logging_to_file(nproc: int, overrides: list[str], log_dir: Path,
+                           tag: str) -> tuple[subprocess.Popen, Path]:
+    """Start the job in its own session, its output in ``<log_dir>-<tag>.log`` (not a pipe:
+    helper processes of a killed worker can outlive it and would hold a pipe open)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    log = log_dir.with_name(f"{log_dir.name}-{tag}.log")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as out:
+        proc = subprocess.Popen(train_command(nproc, overrides), stdout=out, stderr=subprocess.STDOUT,
+                                text=True, cwd=REPO, env=env, start_new_session=True)
+    return proc, log
+
+
 def _kill_a_rank_when(nproc: int, overrides: list[str], log_dir: Path, ready, what: str, timeout_s: float,
                       poll_s: float = 0.2) -> tuple[subprocess.CompletedProcess, float]:
     """Output goes to a file, not a pipe: helper processes of the killed worker (the
     checkpoint writer's multiprocessing manager) can outlive it and would hold a pipe open.
     """
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    log = log_dir.with_name(log_dir.name + "-killed.log")
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as out:
-        proc = subprocess.Popen(train_command(nproc, overrides), stdout=out, stderr=subprocess.STDOUT,
-                                text=True, cwd=REPO, env=env, start_new_session=True)
+    proc, log = _start_logging_to_file(nproc, overrides, log_dir, "killed")
     deadline = time.monotonic() + timeout_s
     try:
         while time.monotonic() < deadline:
@@ -152,12 +160,7 @@ def run_and_signal_workers(nproc: int, overrides: list[str], log_dir: Path, sign
     time, not through the launcher. ``signals``: ``(ready, ranks, signal)`` in order, each sent to those global
     ranks once ``ready()`` holds. Returns the result and the seconds from the first signal to
     the job's exit. Output goes to a file, as in :func:`_kill_a_rank_when`."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    log = log_dir.with_name(log_dir.name + "-signalled.log")
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as out:
-        proc = subprocess.Popen(train_command(nproc, overrides), stdout=out, stderr=subprocess.STDOUT,
-                                text=True, cwd=REPO, env=env, start_new_session=True)
+    proc, log = _start_logging_to_file(nproc, overrides, log_dir, "signalled")
     deadline, first_signal, workers, next_lookup = time.monotonic() + timeout_s, None, {}, 0.0
     try:
         for ready, ranks, sig in signals:
