@@ -2,4 +2,6 @@
 from nemo_upcycle.cli.verify import main
 
 if __name__ == "__main__":
-    main()
+    from nemo_upcycle.cli.common import run_command
+
+    run_command(main)

@@ -70,3 +70,33 @@ def tiny_hf_smollm_vocab(tmp_path_factory, cache_dir) -> Path:
     for f in tokenizer_files(tokenizer):
         shutil.copy(f, folder / f.name)
     return folder
+
+
+# The layouts of the shared reference runs (tests/workers/training_checks.ReferenceRun), with
+# the distributed optimizer where expert parallel (what trainer=paper sets): its save,
+# bit-exact resume, resharding and export are covered by the tests using them.
+EP2_DISTOPT = ["parallel.ep=2", "trainer.distributed_optimizer=true"]
+TP2_EP2_DISTOPT = ["parallel.tp=2", "parallel.ep=2", "parallel.etp=1", "parallel.sp=true",
+                   "trainer.distributed_optimizer=true"]
+PP2 = ["parallel.pp=2"]
+
+
+def _reference_run(name, layout, tiny_smollm_vocab, cache_dir, tmp_path_factory):
+    from tests.workers.training_checks import ReferenceRun
+
+    return ReferenceRun(tmp_path_factory.mktemp(name), tiny_smollm_vocab, cache_dir, layout)
+
+
+@pytest.fixture(scope="session")
+def ep2_reference_run(tiny_smollm_vocab, cache_dir, tmp_path_factory):
+    return _reference_run("ep2_reference", EP2_DISTOPT, tiny_smollm_vocab, cache_dir, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tp2_ep2_reference_run(tiny_smollm_vocab, cache_dir, tmp_path_factory):
+    return _reference_run("tp2_ep2_reference", TP2_EP2_DISTOPT, tiny_smollm_vocab, cache_dir, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def pp2_reference_run(tiny_smollm_vocab, cache_dir, tmp_path_factory):
+    return _reference_run("pp2_reference", PP2, tiny_smollm_vocab, cache_dir, tmp_path_factory)

@@ -4,7 +4,9 @@ Tiny models: the MoE checkpoint (E8T2 with expert noise, so routing matters) is 
 and compared with megatron-core's own forward at two layouts; the export is imported back
 as an MoE checkpoint, tensor for tensor identical. SmolLM2 (slow): upcycled to E8T2 from
 the imported checkpoint and, separately, from the safetensors folder, exported, and run in
-``MixtralForCausalLM`` against the dense model in transformers.
+``MixtralForCausalLM`` against the dense model in transformers; every other layer upcycled,
+as Qwen2-MoE, against the dense model too; softmax then top-k, as Qwen2-MoE, has the
+perplexity megatron-core computes.
 """
 import json
 from pathlib import Path
@@ -12,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from nemo_upcycle.testing.multirank import run_on_ranks
-from tests.checkpoint_helpers import assert_same_tensors, export, import_dense, no_leftovers, run_cli
+from tests.checkpoint_helpers import assert_same_tensors, check_ok, export, import_dense, no_leftovers, run_cli
 from tests.conftest import tiny
 
 
@@ -162,3 +164,39 @@ def test_smollm2_upcycled_from_the_safetensors_folder_exports_the_same_model(smo
         for key in a.keys():
             assert a.get_tensor(key).equal(b.get_tensor(key)), key
     assert json.loads((out / "config.json").read_text())["num_local_experts"] == 8
+
+
+@pytest.mark.slow
+def test_smollm2_every_other_layer_exports_as_qwen2_moe_equal_to_the_dense_model(smollm2, cache_dir, tmp_path):
+    """The paper upcycles a subset of layers: at step 0 the Qwen2-MoE export (15 MoE layers,
+    15 left dense, an inert shared expert) computes exactly what dense SmolLM2 computes."""
+    out = tmp_path / "every_2"
+    export(out, "model=smollm2_135m", f"cache_dir={cache_dir}", "moe=e8t2", "moe.layers=every_2")
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["Qwen2MoeForCausalLM"] and config["mlp_only_layers"] == list(range(1, 30, 2))
+    assert config["tie_word_embeddings"] is True and "bos_token_id" in config
+    r = run_on_ranks("tests.workers.checkpoint_checks:hf_vs_hf", 1, timeout_s=600,
+                     reference_dir=str(smollm2["hf"]), candidate_dir=str(out),
+                     tokenizer=str(smollm2["hf"]), vocab=49152, batch=2, seq=64)[0]
+    assert r["candidate_class"] == "Qwen2MoeForCausalLM"
+    assert r["logit_scale"] > 5.0 and r["max_abs_diff"] <= 1e-3, r
+    assert r["generation_equal"] and r["generated_tokens"] == 20, r
+
+
+@pytest.mark.slow
+def test_smollm2_softmax_then_topk_export_has_the_perplexity_megatron_core_computes(cache_dir, tmp_path):
+    """Softmax then top-k (weights not renormalised: at step 0 the model is not the dense one)
+    leaves as Qwen2-MoE with norm_topk_prob=false; ``evaluate`` on the export (transformers) and
+    on its import back (megatron-core) give the same perplexity on the held-out text."""
+    moe = ["model=smollm2_135m", f"cache_dir={cache_dir}", "moe=e8t2", "moe.layers=every_2", "router=softmax_topk"]
+    hf, back = tmp_path / "hf", tmp_path / "moe"
+    export(hf, *moe)
+    assert json.loads((hf / "config.json").read_text())["norm_topk_prob"] is False
+    import_dense(hf, back)
+    ppl = {}
+    for name, source in (("megatron", f"checkpoint={back}"), ("transformers", f"hf_model={hf}")):
+        out = check_ok(run_cli("nemo_upcycle.evaluate", *moe, source, f"log_dir={tmp_path / name}",
+                               "eval.mmlu.num_questions=0", "eval.ppl.max_tokens=1024"))
+        ppl[name] = float(out.strip().splitlines()[-1].rsplit("ppl=", 1)[1])
+    assert 10 < ppl["transformers"] < 200, ppl
+    assert abs(ppl["megatron"] - ppl["transformers"]) <= 1e-3 * ppl["transformers"], ppl

@@ -27,22 +27,20 @@ def reference(tiny_dense_ckpt, tiny_moe_ckpt):
     return {"dense": dense["loss"], "moe": moe["loss"]}
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_moe_forward_backward_matches_single_rank(layout, reference, tiny_dense_ckpt, tiny_moe_ckpt):
-    results = run_on_ranks("tests.workers.parallel_checks:loss_and_grads", 4, timeout_s=240,
-                           overrides=tiny(tiny_dense_ckpt, *LAYOUTS[layout]), path=str(tiny_moe_ckpt))
-    for r in results:
-        assert r["finite"] and r["grads"] > 0 and r["nonzero_grads"] == r["grads"], r
-    assert results[0]["loss"] == pytest.approx(reference["moe"], rel=1e-5)
-
-
-@pytest.mark.parametrize("layout", ["tp2_ep2", "pp2"])
-def test_dense_forward_backward_matches_single_rank(layout, reference, tiny_dense_ckpt):
-    overrides = [o for o in LAYOUTS[layout] if "ep=" not in o] + ["moe=dense"]
-    results = run_on_ranks("tests.workers.parallel_checks:loss_and_grads", 4, timeout_s=240,
-                           overrides=tiny(tiny_dense_ckpt, *overrides), path=str(tiny_dense_ckpt))
-    assert all(r["finite"] and r["nonzero_grads"] == r["grads"] for r in results)
-    assert results[0]["loss"] == pytest.approx(reference["dense"], rel=1e-5)
+def test_forward_backward_matches_single_rank_at_every_layout(reference, tiny_dense_ckpt, tiny_moe_ckpt):
+    """One 4-rank launch: the MoE at every layout, the dense model at two."""
+    runs = {f"moe_{name}": {"overrides": tiny(tiny_dense_ckpt, *layout), "path": str(tiny_moe_ckpt)}
+            for name, layout in LAYOUTS.items()}
+    for name in ("tp2_ep2", "pp2"):
+        dense = [o for o in LAYOUTS[name] if "ep=" not in o] + ["moe=dense"]
+        runs[f"dense_{name}"] = {"overrides": tiny(tiny_dense_ckpt, *dense), "path": str(tiny_dense_ckpt)}
+    per_rank = run_on_ranks("tests.workers.each_layout:each", 4, timeout_s=120 + 30 * len(runs),
+                            check="tests.workers.parallel_checks:loss_and_grads", runs=runs)
+    for name in runs:
+        for r in (ranks[name] for ranks in per_rank):
+            assert r["finite"] and r["grads"] > 0 and r["nonzero_grads"] == r["grads"], (name, r)
+        expected = reference["moe" if name.startswith("moe") else "dense"]
+        assert per_rank[0][name]["loss"] == pytest.approx(expected, rel=1e-5), name
 
 
 def test_checkpoint_saved_at_tp2_loads_at_tp1_and_tp2_pp2(tiny_dense_ckpt, tmp_path):

@@ -137,6 +137,11 @@ REFUSED = {
     "qwen3_moe_asked_for_a_llama": (["export.architecture=qwen3_moe"], ("holds qwen3 models",)),
     "aux_free_every_2": (["router=aux_free", "moe.layers=every_2"], ("first_k_dense_replace", "DeepSeek-V3")),
     "sinkhorn_top1": (["moe=e8t1", "router=sinkhorn"], ("sigmoid of the single chosen logit",)),
+    # A Llama with an explicit head_dim (as Mistral-Nemo) and dense layers: Mixtral has no dense
+    # layers, Qwen2-MoE's attention requires head_dim x heads = hidden_size.
+    "head_dim_with_dense_layers": (["model.head_dim=32", "moe.layers=every_2"],
+                                   ("no Hugging Face architecture computes", "Qwen2MoeForCausalLM requires them equal",
+                                    "MixtralForCausalLM")),
     "unknown_name": (["export.architecture=mixtral2"], ("is not one nemo-upcycle writes",)),
 }
 

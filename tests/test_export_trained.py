@@ -1,9 +1,11 @@
 """Export straight from a checkpoint NeMo's trainer wrote, and check it with ``evaluate``.
 
-A tiny Llama with SmolLM2's vocabulary is upcycled and trained for 4 steps (the experts,
+A tiny Llama with SmolLM2's vocabulary is upcycled and trained for 8 steps (the experts,
 identical copies at step 0, drift apart) at a layout, saved by NeMo with its optimizer
-state. ``export_hf`` gets only ``checkpoint=`` and ``output_dir=``: the model, moe and router
-configuration and the tokenizer come from the checkpoint. transformers loads the folder
+state: the shared reference runs of tests/conftest.py (TP2/EP2/ETP1 with sequence
+parallelism and the distributed optimizer; PP2). ``export_hf`` gets
+only ``checkpoint=`` and ``output_dir=``: the model, moe and router configuration and the
+tokenizer come from the checkpoint. transformers loads the folder
 with no custom code and must compute what megatron-core computes on the trained
 checkpoint (logits, greedy generation), and ``evaluate`` on the checkpoint (megatron-core)
 and on the export (transformers) must give the same perplexity.
@@ -14,31 +16,12 @@ import pytest
 
 from nemo_upcycle.testing.multirank import run_on_ranks
 from tests.checkpoint_helpers import check_ok, run_cli
-from tests.workers.training_checks import run_training
 
 pytestmark = pytest.mark.multirank
 
-# name -> (ranks, layout overrides, target architecture); D's targets (Qwen2-MoE, ...) add rows here.
-LAYOUTS = {
-    "tp2_ep2_etp1_sp_distopt": (2, ["parallel.tp=2", "parallel.ep=2", "parallel.etp=1", "parallel.sp=true",
-                                    "trainer.distributed_optimizer=true"], "MixtralForCausalLM"),
-    "pp2_vpp2": (2, ["parallel.pp=2", "parallel.vpp=2"], "MixtralForCausalLM"),
-}
+# The shared reference runs (tests/conftest.py), trained 8 steps by NeMo at these layouts.
+RUNS = {"tp2_ep2_etp1_sp_distopt": "tp2_ep2_reference_run", "pp2": "pp2_reference_run"}
 EVAL = ["eval.mmlu.num_questions=0", "eval.ppl.seq_length=64", "eval.ppl.max_tokens=512"]
-
-
-def _train(tiny_smollm_vocab, cache_dir, log_dir, nproc, layout):
-    path, tokenizer = tiny_smollm_vocab
-    overrides = ["model=tiny_llama", "model.vocab_size=49152", f"model.dense_checkpoint={path}",
-                 f"model.tokenizer={tokenizer}", f"cache_dir={cache_dir}", f"log_dir={log_dir}",
-                 "trainer.seq_length=64", "trainer.micro_batch_size=1", "trainer.global_batch_size=4",
-                 "trainer.lr=1e-3", "trainer.min_lr=1e-4", "trainer.warmup_steps=1", "trainer.max_steps=4",
-                 "trainer.val_check_interval=4", "trainer.limit_val_batches=1", "trainer.checkpoint_every_n_steps=4",
-                 *layout]
-    result = run_training(nproc, overrides)
-    assert result.returncode == 0, result.stdout[-5000:]
-    (checkpoint,) = (log_dir / "upcycle" / "checkpoints").glob("*-last")
-    return checkpoint
 
 
 def _ppl(*args) -> float:
@@ -48,28 +31,30 @@ def _ppl(*args) -> float:
     return float(last.rsplit("ppl=", 1)[1])
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_trained_checkpoint_exports_with_its_own_config_and_evaluates_the_same(layout, tiny_smollm_vocab,
-                                                                                cache_dir, tmp_path):
-    nproc, overrides, architecture = LAYOUTS[layout]
-    checkpoint = _train(tiny_smollm_vocab, cache_dir, tmp_path / "run", nproc, overrides)
+@pytest.mark.parametrize("layout", RUNS)
+def test_trained_checkpoint_exports_with_its_own_config_and_evaluates_the_same(layout, request, tmp_path):
+    run = request.getfixturevalue(RUNS[layout])
+    assert min(run.losses[7], run.losses[8]) < run.losses[1] - 0.1, run.losses  # it trained
+    checkpoint = run.last
     # The checkpoint's own folder (its name holds '='s) for one layout, the run's log_dir for the other.
-    named = checkpoint if "tp2" in layout else tmp_path / "run"
+    named = checkpoint if "tp2" in layout else run.log_dir
     out = tmp_path / "hf"
     log = check_ok(run_cli("nemo_upcycle.export_hf", f"checkpoint={named}", f"output_dir={out}", "progress=false"))
     assert "its stored model/moe/router config" in log, log[-2000:]
-    if "distributed_optimizer=true" in " ".join(overrides):
+    if "trainer.distributed_optimizer=true" in run.layout:
         assert "MB of optimizer state left unread" in log, log[-2000:]
     config = json.loads((out / "config.json").read_text())
-    assert config["architectures"] == [architecture] and "auto_map" not in config
+    assert config["architectures"] == ["MixtralForCausalLM"] and "auto_map" not in config
     assert (config["num_local_experts"], config["num_experts_per_tok"], config["vocab_size"]) == (8, 2, 49152)
     generation = json.loads((out / "generation_config.json").read_text())
     assert {generation[k] for k in ("bos_token_id", "eos_token_id")} <= set(range(49152))
+    # The context's tokenizer folder has no config.json: the ids come from the staged generation config.
+    assert all(config[k] == generation[k] for k in ("bos_token_id", "eos_token_id")), (config, generation)
     assert (out / "tokenizer.json").is_file()
 
     r = run_on_ranks("tests.workers.export_trained_checks:trained_vs_export", 1, timeout_s=300,
                      checkpoint=str(checkpoint), hf_dir=str(out))[0]
-    assert r["hf_class"] == architecture
+    assert r["hf_class"] == "MixtralForCausalLM"
     assert r["expert_divergence"] > 1e-4, "training did not move the experts apart"
     assert r["logit_scale"] > 1.0 and r["max_abs_diff"] <= 1e-3, r
     assert r["generation_equal"] and r["generated_tokens"] == 20, r

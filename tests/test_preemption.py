@@ -11,12 +11,13 @@ import signal
 import pytest
 
 from nemo_upcycle.training.preemption import EXIT_CODE
-from tests.test_training import EP2_8_STEPS, _overrides
 from tests.workers.training_checks import (
-    logged_step, read_metrics, run_and_signal_workers, run_training, saving,
+    logged_step, read_metrics, run_and_signal_workers, run_training, saving, tiny_training_overrides,
 )
 
 pytestmark = pytest.mark.multirank
+
+EP2_8_STEPS = ["parallel.ep=2", "trainer.max_steps=8", "trainer.distributed_optimizer=true"]
 
 
 def test_signal_on_one_rank_stops_every_rank_with_one_checkpoint_and_relaunch_resumes(tiny_smollm_vocab, cache_dir,
@@ -25,7 +26,7 @@ def test_signal_on_one_rank_stops_every_rank_with_one_checkpoint_and_relaunch_re
     checkpoint is written SIGTERM reaches both ranks (the time limit arriving mid-save) and
     must not cut the save short."""
     log_dir = tmp_path / "run"
-    overrides = _overrides(tiny_smollm_vocab, cache_dir, log_dir, *EP2_8_STEPS)
+    overrides = tiny_training_overrides(tiny_smollm_vocab, cache_dir, log_dir, *EP2_8_STEPS)
     result, seconds = run_and_signal_workers(2, overrides, log_dir, [
         (logged_step(log_dir, 5), [1], signal.SIGUSR1),
         (saving(log_dir), [0, 1], signal.SIGTERM),

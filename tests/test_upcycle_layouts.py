@@ -22,16 +22,20 @@ LAYOUTS = {
 }
 
 
-def _check(results):
-    r = results[0]
-    assert r["logit_scale"] > 1.0, "logits too small for the comparison to mean anything"
-    assert r["max_abs_diff"] <= 1e-4, r
+def _check_each(path, layouts: dict[str, list[str]]):
+    """One 4-rank launch upcycles ``path`` at every layout and compares with the dense model."""
+    results = run_on_ranks("tests.workers.each_layout:each", 4, timeout_s=120 + 30 * len(layouts),
+                           check="tests.workers.upcycle_checks:dense_vs_upcycled",
+                           runs={name: {"overrides": tiny(path, *layout), "path": str(path)}
+                                 for name, layout in layouts.items()})[0]
+    assert sorted(results) == sorted(layouts)
+    for name, r in results.items():
+        assert r["logit_scale"] > 1.0, (name, "logits too small for the comparison to mean anything")
+        assert r["max_abs_diff"] <= 1e-4, (name, r)
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_upcycled_logits_match_dense(layout, tiny_dense_ckpt):
-    _check(run_on_ranks("tests.workers.upcycle_checks:dense_vs_upcycled", 4, timeout_s=240,
-                        overrides=tiny(tiny_dense_ckpt, *LAYOUTS[layout]), path=str(tiny_dense_ckpt)))
+def test_upcycled_logits_match_dense_at_every_layout(tiny_dense_ckpt):
+    _check_each(tiny_dense_ckpt, LAYOUTS)
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +47,8 @@ def dense_saved_at_tp2(tiny_dense_ckpt, tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("layout", ["tp1_ep4", "pp2_vpp2"])
-def test_dense_saved_at_one_layout_upcycles_at_another(layout, dense_saved_at_tp2):
-    _check(run_on_ranks("tests.workers.upcycle_checks:dense_vs_upcycled", 4, timeout_s=240,
-                        overrides=tiny(dense_saved_at_tp2, *LAYOUTS[layout]), path=str(dense_saved_at_tp2)))
+def test_dense_saved_at_one_layout_upcycles_at_another(dense_saved_at_tp2):
+    _check_each(dense_saved_at_tp2, {name: LAYOUTS[name] for name in ("tp1_ep4", "pp2_vpp2")})
 
 
 def test_each_rank_reads_only_its_slice_and_talks_to_no_one(dense_saved_at_tp2):

@@ -61,7 +61,7 @@ def prepare_run_dir(run_dir: Path) -> None:
 def launch(overrides: list[str], nproc: int, log_path: Path, max_steps: int, timeout_s: float,
            metrics_path: Path, description: str) -> int:
     """torchrun the training job, its output to ``log_path``, a progress bar from its metrics."""
-    from tqdm import tqdm
+    from nemo_upcycle.util.progress import progress_bar
 
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            f"--master_port={free_port()}", "--max_restarts=0", "-m", "nemo_upcycle.train", *overrides]
@@ -74,7 +74,7 @@ def launch(overrides: list[str], nproc: int, log_path: Path, max_steps: int, tim
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     deadline = time.monotonic() + timeout_s
     try:
-        with tqdm(total=max_steps, desc=description, unit="step", leave=True, mininterval=5.0) as bar:
+        with progress_bar(total=max_steps, desc=description, unit="step", leave=True, mininterval=5.0) as bar:
             while proc.poll() is None:
                 if time.monotonic() > deadline:
                     with open(log_path, "a") as log:

@@ -191,7 +191,7 @@ def write_streaming(
     from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
     from torch.distributed.checkpoint import FileSystemWriter
     from torch.distributed.checkpoint import save as dcp_save
-    from tqdm import tqdm
+    from nemo_upcycle.util.progress import progress_bar
 
     started = time.perf_counter()
     if max_chunk_bytes:
@@ -201,7 +201,7 @@ def write_streaming(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     total = {"bytes": 0, "chunks": 0}
-    bar = tqdm(total=len(tensors), desc=desc, unit="tensor", disable=not progress)
+    bar = progress_bar(total=len(tensors), desc=desc, unit="tensor", disable=not progress)
 
     def on_tensor(t: TensorChunk, data: torch.Tensor) -> None:
         total["bytes"] += data.numel() * data.element_size()

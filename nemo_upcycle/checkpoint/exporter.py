@@ -23,6 +23,7 @@ from typing import Any, Optional
 import torch
 
 from nemo_upcycle.checkpoint.export_targets import ExportError, ExportTarget, choose_target
+from nemo_upcycle.checkpoint.generation_config import stated_token_ids
 from nemo_upcycle.checkpoint.hf_export_config import hf_config
 from nemo_upcycle.checkpoint.hf_llama import (
     LlamaShape,
@@ -110,12 +111,6 @@ def read_hf_tensor(source, slices: list, shape: tuple, dtype: torch.dtype) -> to
     return out
 
 
-def dense_config_beside(tokenizer_dir: Optional[Path]) -> Optional[dict]:
-    """The dense model's own config.json when the tokenizer is its HF folder: its token ids are kept."""
-    path = Path(tokenizer_dir) / "config.json" if tokenizer_dir is not None else None
-    return json.loads(path.read_text()) if path is not None and path.is_file() else None
-
-
 def copy_tokenizer(tokenizer_dir: Optional[Path], folder: Path) -> list[str]:
     """Copy the tokenizer files (not the weights beside them); their names."""
     if tokenizer_dir is None:
@@ -153,7 +148,7 @@ def export_hf(
     dtype = dtype or source_dtype(source)
     if dtype not in ST_DTYPE_NAMES:
         raise ExportError(f"dtype {dtype} cannot be exported; use float32, bfloat16 or float16")
-    dense_config = dense_config_beside(tokenizer_dir)
+    token_ids = stated_token_ids(tokenizer_dir)
     slices = slices_by_hf_tensor(boxes, naming)
 
     def tensor(name: str) -> torch.Tensor:
@@ -164,7 +159,7 @@ def export_hf(
     def write(folder: Path) -> tuple[int, int, list[str]]:
         folder.mkdir(parents=True)
         shards, total_bytes = write_shards(folder, shapes, dtype, max_shard_bytes, tensor, progress)
-        (folder / "config.json").write_text(json.dumps(hf_config(cfg, target, dtype, dense_config), indent=2))
+        (folder / "config.json").write_text(json.dumps(hf_config(cfg, target, dtype, token_ids), indent=2))
         return shards, total_bytes, copy_tokenizer(tokenizer_dir, folder)
 
     shards, total_bytes, copied = write_folder_atomic(output_dir, write)

@@ -19,14 +19,25 @@ GENERATION_CONFIG = "generation_config.json"
 TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
+def stated_token_ids(folder: Optional[Path]) -> dict:
+    """bos/eos/pad ids a folder states: its config.json's (the dense model's, when the tokenizer
+    is its HF folder), else its generation_config.json's (a tokenizer staged by
+    ``with_generation_config``, as an export from a trained checkpoint has); else none."""
+    for name in ("config.json", GENERATION_CONFIG):
+        path = Path(folder) / name if folder is not None else None
+        if path is not None and path.is_file():
+            stated = json.loads(path.read_text())
+            ids = {key: stated[key] for key in TOKEN_ID_KEYS if stated.get(key) is not None}
+            if ids:
+                return ids
+    return {}
+
+
 def special_token_ids(tokenizer_dir: Path) -> dict:
-    """bos/eos/pad ids: the dense model's config.json beside the tokenizer, else the tokenizer's."""
-    config = tokenizer_dir / "config.json"
-    if config.is_file():
-        stated = json.loads(config.read_text())
-        ids = {key: stated[key] for key in TOKEN_ID_KEYS if stated.get(key) is not None}
-        if ids:
-            return ids
+    """bos/eos/pad ids: the ones the folder states, else the tokenizer's special tokens."""
+    ids = stated_token_ids(tokenizer_dir)
+    if ids:
+        return ids
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))

@@ -1,7 +1,7 @@
 """The ``config.json`` of an exported folder: the model's settings in the target's own keys.
 
 Every target carries the model's RoPE (theta and llama3 scaling), head_dim, tied
-embeddings, norm epsilon and, when the dense model's HF config is at hand, its token ids;
+embeddings, norm epsilon and the bos/eos/pad ids stated beside the tokenizer;
 then the target's MoE keys (experts, top-k, which layers are dense, the routing switch).
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from nemo_upcycle.checkpoint.hf_moe_layouts import INERT_SHARED_EXPERT_WIDTH
 from nemo_upcycle.upcycle.spec import UpcycleSpec
 
 
-def _common(cfg: Any, dtype: torch.dtype, dense_config: Optional[dict]) -> dict:
+def _common(cfg: Any, dtype: torch.dtype, token_ids: Optional[dict]) -> dict:
     m = cfg.model
     out = {
         "hidden_size": m.hidden_size,
@@ -37,9 +37,7 @@ def _common(cfg: Any, dtype: torch.dtype, dense_config: Optional[dict]) -> dict:
         "use_cache": True,
         "torch_dtype": str(dtype).replace("torch.", ""),
     }
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        if dense_config and dense_config.get(key) is not None:
-            out[key] = dense_config[key]
+    out.update(token_ids or {})
     return out
 
 
@@ -101,10 +99,10 @@ def _target_keys(target: ExportTarget, cfg: Any) -> dict:
     raise ValueError(target.name)
 
 
-def hf_config(cfg: Any, target: ExportTarget, dtype: torch.dtype, dense_config: Optional[dict] = None) -> dict:
+def hf_config(cfg: Any, target: ExportTarget, dtype: torch.dtype, token_ids: Optional[dict] = None) -> dict:
     """config.json for ``cfg`` written as ``target``."""
     m, moe = cfg.model, cfg.moe
-    out = _common(cfg, dtype, dense_config)
+    out = _common(cfg, dtype, token_ids)
     out.update(architectures=[target.architecture], model_type=target.model_type, **_target_keys(target, cfg))
     # Where the configuration came from, for people reading config.json.
     out["nemo_upcycle"] = {

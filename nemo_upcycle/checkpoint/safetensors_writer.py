@@ -75,11 +75,11 @@ def write_shards(folder: Path, shapes: dict[str, tuple], dtype: torch.dtype, max
                  tensor_of: Callable[[str], torch.Tensor], progress: bool = True) -> tuple[int, int]:
     """Write every tensor of ``shapes`` (made by ``tensor_of(name)``) into ``folder``, with the
     index when there are several shards. Returns (shards, bytes written)."""
-    from tqdm import tqdm
+    from nemo_upcycle.util.progress import progress_bar
 
     shards = plan_shards(shapes, dtype, max_shard_bytes)
     weight_map, total_bytes = {}, 0
-    with tqdm(total=len(shapes), desc="export", unit="tensor", disable=not progress) as bar:
+    with progress_bar(total=len(shapes), desc="export", unit="tensor", disable=not progress) as bar:
         for file_name, members in zip(shard_names(len(shards)), shards):
             writer = ShardWriter(folder / file_name, [(n, shapes[n], dtype) for n in members])
             try:

@@ -4,18 +4,18 @@ A :class:`~nemo_upcycle.errors.UserError` anywhere ends the command with its mes
 exit status 2, no traceback (:func:`user_errors`); anything else is a bug and keeps its
 traceback. Exits go through :func:`fail` (``os._exit``): the other ranks may sit inside a
 collective, and an orderly shutdown would wait for them; torchrun stops them once this
-rank is gone.
+rank is gone. A command that completes leaves the same way (:func:`run_command`).
 """
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from typing import Iterator
 
 from nemo_upcycle.checkpoint.dense_source import resolve_dense_model  # noqa: F401  (for the commands)
 from nemo_upcycle.config.compose import CONFIG_DIR  # noqa: F401  (re-exported for hydra.main)
 from nemo_upcycle.errors import UserError
+from nemo_upcycle.util.fast_exit import exit_process
 from nemo_upcycle.platform.launcher_env import (  # noqa: F401  (for the commands)
     is_rank0, launch_world_size, print_rank0, read_launch_env)
 
@@ -30,9 +30,14 @@ def set_up_console(cfg) -> None:
 
 def fail(code: int) -> None:
     """Exit now, without waiting on other ranks (they fail the same way, or torchrun stops them)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exit_process(code)
+
+
+def run_command(main) -> None:
+    """``python -m nemo_upcycle.<command>``: the command's Hydra ``main``, then the same quick
+    exit (nemo_upcycle/util/fast_exit.py: no seconds of teardown once everything is written)."""
+    main()
+    exit_process(0)
 
 
 @contextlib.contextmanager

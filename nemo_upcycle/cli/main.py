@@ -39,7 +39,9 @@ def main() -> None:
         sys.exit(2)
     # Hydra reads sys.argv: hand it the command's own arguments, named after the command.
     sys.argv = [f"nemo-upcycle {command}", *args[1:]]
-    importlib.import_module(f"nemo_upcycle.cli.{command}").main()
+    from nemo_upcycle.cli.common import run_command
+
+    run_command(importlib.import_module(f"nemo_upcycle.cli.{command}").main)
 
 
 if __name__ == "__main__":

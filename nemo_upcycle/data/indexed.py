@@ -22,7 +22,7 @@ def write_indexed_dataset(
     documents: Iterable[str], tokenizer, prefix: Path, append_eod: bool = True, progress: bool = True
 ) -> dict:
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-    from tqdm import tqdm
+    from nemo_upcycle.util.progress import progress_bar
 
     prefix.parent.mkdir(parents=True, exist_ok=True)
     tmp = prefix.with_name(prefix.name + f".tmp{os.getpid()}")
@@ -30,7 +30,7 @@ def write_indexed_dataset(
     builder = IndexedDatasetBuilder(f"{tmp}.bin", dtype=dtype)
     eod = tokenizer.eos_token_id
     docs = tokens = 0
-    for text in tqdm(documents, desc="tokenize", unit="doc", disable=not progress):
+    for text in progress_bar(documents, desc="tokenize", unit="doc", disable=not progress):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if append_eod and eod is not None:
             ids.append(eod)

@@ -210,3 +210,40 @@ def logged_step(log_dir: Path, step: int):
 def saving(log_dir: Path):
     """A ``ready`` predicate: NeMo is writing a checkpoint (its ``-unfinished`` marker exists)."""
     return lambda: any((log_dir / "upcycle" / "checkpoints").glob("*-unfinished"))
+
+
+def tiny_training_overrides(tiny_smollm_vocab, cache_dir, log_dir, *more) -> list[str]:
+    """The tiny Llama with SmolLM2's vocabulary and tokenizer, trained on the Wikipedia sample:
+    a few seconds a step; checkpoints after every 4th step."""
+    path, tokenizer = tiny_smollm_vocab
+    return [
+        "model=tiny_llama", "model.vocab_size=49152", f"model.dense_checkpoint={path}",
+        f"model.tokenizer={tokenizer}", f"cache_dir={cache_dir}", f"log_dir={log_dir}",
+        "trainer.seq_length=64", "trainer.micro_batch_size=1", "trainer.global_batch_size=4",
+        "trainer.lr=1e-3", "trainer.min_lr=1e-4", "trainer.warmup_steps=1",
+        "trainer.val_check_interval=4", "trainer.limit_val_batches=1", "trainer.checkpoint_every_n_steps=4",
+        *more,
+    ]
+
+
+class ReferenceRun:
+    """One uninterrupted 8-step run at a layout, shared by the tests that need one: its
+    losses (what a resumed run must reproduce), its own log_dir (the trained checkpoint after
+    step 8, to export) and its checkpoint after step 4, kept aside while it trained on."""
+
+    def __init__(self, root: Path, tiny_smollm_vocab, cache_dir, layout: list[str]):
+        self.layout = [*layout, "trainer.max_steps=8"]
+        self.log_dir, self._kept = root / "run", root / "kept"
+        overrides = tiny_training_overrides(tiny_smollm_vocab, cache_dir, self.log_dir, *self.layout)
+        result = run_keeping_a_checkpoint(2, overrides, self.log_dir, after_step=4, into=self._kept)
+        assert result.returncode == 0, result.stdout[-5000:]
+        self.losses = losses_by_step(self.log_dir)
+        (self.last,) = (self.log_dir / "upcycle" / "checkpoints").glob("*-last")
+
+    def step4_log_dir(self, into: Path) -> Path:
+        """A new log_dir holding the step-4 checkpoint alone (hard links: resuming there
+        writes new checkpoints and never changes the files the other tests share)."""
+        import shutil
+
+        shutil.copytree(self._kept, into, copy_function=os.link)
+        return into
