@@ -8,7 +8,7 @@ Cases, each export in a fresh process (``/usr/bin/time -v``, as benchmarks/check
   AdamW states saved in it): SmolLM2's shape with 8 of its 30 layers, upcycled to E8T2;
   exported with ``checkpoint=<log_dir>`` and nothing else (its stored configuration);
 * the generated 233M Llama (benchmarks/generated_llama.py) upcycled to E8T2 (1.1 B parameters,
-  4.5 GB in fp32) as an MoE ``torch_dist`` checkpoint, exported back to Mixtral. Training
+  4.46 GB in fp32) as an MoE ``torch_dist`` checkpoint, exported back to Mixtral. Training
   that model here is out of reach: AdamW's fp32 states of 1.1 B parameters (about 18 GB beside
   two ranks' libraries) do not fit this 24 GB machine, and the export reads the same
   ``torch_dist`` weights either way (the optimizer states of a trained checkpoint are not read).
