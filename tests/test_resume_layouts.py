@@ -14,8 +14,9 @@ The resumed run computes the same sums in another order (tensor parallelism all-
 partial matmuls and norms, expert-tensor parallelism splits each expert's matmuls, pipeline
 parallelism adds the two stages' squared gradient norms for clipping), and Adam's
 m/sqrt(v) amplifies those last-bit differences where gradients are near zero: steps 6-8
-within 1e-3 (measured: PP2 -> PP1 bit for bit; EP2 -> TP2/ETP2 within 1e-7, and 1.4e-4
-from a TP2/EP2/ETP1 checkpoint; the test prints the largest difference), below the 2e-3 to 2e-2 the loss moves per step.
+within 1e-3, below the 2e-3 to 2e-2 the loss moves per step. The test prints the largest
+difference (measured: PP2 -> PP1 bit for bit; EP2 -> TP2/ETP2 within 1e-7; 1.4e-4 from a
+TP2/EP2/ETP1 checkpoint).
 """
 import pytest
 

@@ -16,9 +16,6 @@ from tests.workers.training_checks import (
 pytestmark = pytest.mark.multirank
 
 
-_overrides = tiny_training_overrides
-
-
 def _ok(result):
     assert result.returncode == 0, result.stdout[-5000:]
     return result.stdout
@@ -104,7 +101,7 @@ def test_killed_rank_fails_fast_and_relaunch_resumes_bit_exactly(tiny_smollm_voc
     expected = ep2_reference_run.losses
 
     crashed = tmp_path / "crashed"
-    overrides = _overrides(tiny_smollm_vocab, cache_dir, crashed, *steps)
+    overrides = tiny_training_overrides(tiny_smollm_vocab, cache_dir, crashed, *steps)
     result, seconds_to_fail = run_and_kill_a_rank(2, overrides, crashed / "metrics.jsonl", kill_after_step=6)
     assert result.returncode != 0
     assert seconds_to_fail < 60, f"the job took {seconds_to_fail:.0f}s to fail after a rank was killed"
@@ -137,7 +134,7 @@ def test_resume_at_a_different_layout(tiny_smollm_vocab, cache_dir, tmp_path, ep
     checkpoint is refused before training, with the fix."""
     expected = ep2_reference_run.losses
     resumed_dir = ep2_reference_run.step4_log_dir(tmp_path / "resumed")
-    ep1 = _overrides(tiny_smollm_vocab, cache_dir, resumed_dir, "parallel.ep=1", "trainer.max_steps=8")
+    ep1 = tiny_training_overrides(tiny_smollm_vocab, cache_dir, resumed_dir, "parallel.ep=1", "trainer.max_steps=8")
     refused = run_training(1, ep1 + ["trainer.distributed_optimizer=false"])
     assert refused.returncode != 0
     assert ("was saved with trainer.distributed_optimizer=true and this run sets trainer.distributed_optimizer=false"
@@ -156,9 +153,10 @@ def test_capacity_factor_reports_dropped_tokens_and_the_guard_stops_on_them(tiny
     """Capacity factor 0.5 drops about half the tokens: reported in the metrics, and with
     trainer.guard_max_dropped_fraction=0.2 every rank stops after the first step, naming it and
     each layer's router statistics, before anything is saved."""
-    result = run_training(2, _overrides(tiny_smollm_vocab, cache_dir, tmp_path, "parallel.ep=2",
+    overrides = tiny_training_overrides(tiny_smollm_vocab, cache_dir, tmp_path, "parallel.ep=2",
                                         "moe.capacity_factor=0.5", "trainer.guard_max_dropped_fraction=0.2",
-                                        "trainer.max_steps=3", "trainer.checkpoint_every_n_steps=1"))
+                                        "trainer.max_steps=3", "trainer.checkpoint_every_n_steps=1")
+    result = run_training(2, overrides)
     assert result.returncode != 0, result.stdout[-3000:]
     records = read_metrics(tmp_path)
     assert [r["step"] for r in records] == [1], "training must stop after the first step over the threshold"
@@ -175,9 +173,9 @@ def test_nan_loss_stops_every_rank_naming_the_step_and_router_stats(tiny_smollm_
     """A real divergence: lr 1e20 sends the weights to ~1e20 after step 1, so step 2's forward
     overflows. The guard stops each rank before the backward pass (not megatron's NaN-gradient
     error, which names no step), under the launcher's timeout: no hang."""
-    result = run_training(2, _overrides(tiny_smollm_vocab, cache_dir, tmp_path, "parallel.ep=2",
-                                        "trainer.max_steps=3", "trainer.lr=1e20", "trainer.min_lr=1e19"),
-                          timeout_s=300)
+    overrides = tiny_training_overrides(tiny_smollm_vocab, cache_dir, tmp_path, "parallel.ep=2",
+                                        "trainer.max_steps=3", "trainer.lr=1e20", "trainer.min_lr=1e19")
+    result = run_training(2, overrides, timeout_s=300)
     assert result.returncode != 0
     out = result.stdout
     for rank in (0, 1):

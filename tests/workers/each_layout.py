@@ -2,7 +2,8 @@
 
 A torchrun launch costs seconds of imports and rendezvous per rank, a check on the tiny
 model about a second: so tests that check many layouts of one world size make one launch,
-and megatron's parallel state is rebuilt between the layouts (as tests/workers/layout_walk.py).
+and megatron's parallel state is rebuilt between the layouts (tests/workers/layout_walk.py
+walks verify this way).
 """
 from __future__ import annotations
 
