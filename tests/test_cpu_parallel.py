@@ -15,7 +15,12 @@ LAYOUTS = {
     "tp1_ep4": ["parallel.ep=4"],
     "pp2": ["parallel.pp=2"],
     "tp2_ep2_etp1": ["parallel.tp=2", "parallel.ep=2", "parallel.etp=1", "parallel.sp=true"],
+    "pp2_vpp2": ["parallel.pp=2", "parallel.vpp=2", "parallel.ep=2"],
 }
+# The interleaved schedule reaches its steady state (a forward and a backward tensor
+# exchanged in one step, where two pipeline stages cross them) only with more micro-batches
+# than chunks: 4 of one sequence.
+MICRO_BATCH_SIZE = {"pp2_vpp2": 1}
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +34,8 @@ def reference(tiny_dense_ckpt, tiny_moe_ckpt):
 
 def test_forward_backward_matches_single_rank_at_every_layout(reference, tiny_dense_ckpt, tiny_moe_ckpt):
     """One 4-rank launch: the MoE at every layout, the dense model at two."""
-    runs = {f"moe_{name}": {"overrides": tiny(tiny_dense_ckpt, *layout), "path": str(tiny_moe_ckpt)}
+    runs = {f"moe_{name}": {"overrides": tiny(tiny_dense_ckpt, *layout), "path": str(tiny_moe_ckpt),
+                            "micro_batch_size": MICRO_BATCH_SIZE.get(name, 2)}
             for name, layout in LAYOUTS.items()}
     for name in ("tp2_ep2", "pp2"):
         dense = [o for o in LAYOUTS[name] if "ep=" not in o] + ["moe=dense"]

@@ -53,7 +53,9 @@ def run_schedule(
         if want_logits:
             return output.detach().float()
         loss = output.float().mean()
-        return loss, {"loss": loss.detach()}
+        # A copy: the schedule divides the returned loss by the number of micro-batches in
+        # place, and a detached view would report that share instead of the mean.
+        return loss, {"loss": loss.detach().clone()}
 
     def forward_step(data_iterator, model):
         mb_tokens, mb_labels = next(data_iterator)

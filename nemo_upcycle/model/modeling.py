@@ -81,6 +81,7 @@ def transformer_config_kwargs(
         virtual_pipeline_model_parallel_size=par.vpp,
         context_parallel_size=par.cp,
         sequence_parallel=par.sp,
+        **interleaved_pipeline_p2p(par, on_gpu),
         init_method_std=0.02,
         **{name: on for name, on in fused.items() if name not in moe_only},
     )
@@ -102,6 +103,25 @@ def transformer_config_kwargs(
         )
     kwargs.update(overrides)
     return kwargs
+
+
+def interleaved_pipeline_p2p(par: Any, on_gpu: bool) -> dict:
+    """How pipeline stages exchange tensors under the interleaved (virtual-stage) schedule.
+
+    megatron-core's defaults (all sends and receives of a step in one batch) cross the
+    activation and the gradient when the pipeline has two stages: the previous and the next
+    stage are then the same rank, its two sends are matched with the two receives in
+    posting order, and both tensors have the same shape, so nothing fails and training
+    computes something else (Megatron-LM issues 750 and 1450; measured here: a PP2/VPP2
+    step-1 loss differed from PP1's and PP2's in the third digit). Unbatched sends pair
+    even and odd ranks explicitly. On a GPU they overlap with compute (Megatron-LM's own
+    interleaved default); gloo's sends are not stream-ordered, so overlapping them with
+    NeMo's freeing of sent activations (``deallocate_pipeline_outputs``) corrupts a
+    microbatch now and then: on CPU each exchange completes before the step goes on.
+    """
+    if not par.vpp:
+        return {}
+    return {"overlap_p2p_comm": on_gpu, "batch_p2p_comm": False}
 
 
 def build_transformer_config(cfg: Any, params_dtype: Optional[torch.dtype] = None, **overrides: Any):

@@ -42,8 +42,8 @@ def save_moe_from_dense(overrides: list[str], dense_path: str, moe_path: str) ->
     return {"ok": True}
 
 
-def loss_and_grads(overrides: list[str], path: str, save_to: str | None = None) -> dict:
-    """Load ``path`` at this layout, run forward+backward over 2 micro-batches, report."""
+def loss_and_grads(overrides: list[str], path: str, save_to: str | None = None, micro_batch_size: int = 2) -> dict:
+    """Load ``path`` at this layout, run forward+backward over micro-batches of the batch of 4, report."""
     from nemo_upcycle.model.forward import run_schedule
     from nemo_upcycle.model.modeling import build_model_chunks
 
@@ -52,7 +52,7 @@ def loss_and_grads(overrides: list[str], path: str, save_to: str | None = None) 
     _load(chunks, path)
     tokens = _tokens(cfg.model.vocab_size, batch=4, seq=32, seed=1)
     labels = torch.roll(tokens, -1, dims=1)
-    loss = run_schedule(chunks, tokens, labels, micro_batch_size=2, forward_only=False)
+    loss = run_schedule(chunks, tokens, labels, micro_batch_size=micro_batch_size, forward_only=False)
     grads = [p.grad if p.grad is not None else getattr(p, "main_grad", None) for c in chunks for p in c.parameters()]
     grads = [g for g in grads if g is not None]
     finite = all(bool(torch.isfinite(g).all()) for g in grads)
