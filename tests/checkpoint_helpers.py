@@ -46,8 +46,14 @@ def read_all(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def model_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The model's tensors of a torch_dist checkpoint by megatron-core's names (NeMo's
+    checkpoints prefix them ``module.`` and hold the optimizer's states beside them)."""
+    return {k.removeprefix("module."): t for k, t in read_all(path).items() if not k.startswith("optimizer.")}
+
+
 def assert_same_tensors(a: Path, b: Path) -> int:
-    ta, tb = read_all(a), read_all(b)
+    ta, tb = model_tensors(a), model_tensors(b)
     assert sorted(ta) == sorted(tb)
     for key in ta:
         assert ta[key].shape == tb[key].shape, key

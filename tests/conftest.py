@@ -74,10 +74,11 @@ def tiny_hf_smollm_vocab(tmp_path_factory, cache_dir) -> Path:
 
 # The layouts of the shared reference runs (tests/workers/training_checks.ReferenceRun), with
 # the distributed optimizer where expert parallel (what trainer=paper sets): its save,
-# bit-exact resume, resharding and export are covered by the tests using them.
+# bit-exact resume, resharding and export are covered by the tests using them. The TP2/EP2/
+# ETP1 run, exported only, trains granular experts (G=2: 16 of half width, top-4).
 EP2_DISTOPT = ["parallel.ep=2", "trainer.distributed_optimizer=true"]
 TP2_EP2_DISTOPT = ["parallel.tp=2", "parallel.ep=2", "parallel.etp=1", "parallel.sp=true",
-                   "trainer.distributed_optimizer=true"]
+                   "trainer.distributed_optimizer=true", "moe.granularity=2"]
 PP2 = ["parallel.pp=2"]
 
 

@@ -1,4 +1,5 @@
-"""Export to Hugging Face Mixtral: exact logits, round trips, refusals (other targets: test_export_targets.py).
+"""Export to Hugging Face Mixtral: exact logits, round trips, refusals (every target from
+trained checkpoints: test_export_trained.py; the other targets' refusals: test_export_targets.py).
 
 Tiny models: the MoE checkpoint (E8T2 with expert noise, so routing matters) is exported
 and compared with megatron-core's own forward at two layouts; the export is imported back

@@ -10,7 +10,7 @@ import pytest
 from nemo_upcycle.config.compose import compose_config
 from tests.workers.training_checks import (
     losses_by_step, read_metrics, run_and_kill_a_rank, run_and_kill_a_rank_during_save, run_training,
-    tiny_training_overrides,
+    tiny_training_overrides, training_overrides,
 )
 
 pytestmark = pytest.mark.multirank
@@ -27,10 +27,8 @@ def test_ep2_training_straight_from_a_hf_folder_logs_everything_and_resumes(tiny
     architecture (RoPE scaling included) from config.json, the job upcycles straight from the
     safetensors, trains, checkpoints (with the tokenizer files alone in the context), and a
     relaunch resumes without upcycling."""
-    common = [f"cache_dir={cache_dir}", f"log_dir={tmp_path}", "trainer.seq_length=64", "trainer.micro_batch_size=1",
-              "trainer.global_batch_size=4", "trainer.lr=1e-3", "trainer.min_lr=1e-4", "trainer.warmup_steps=1",
-              "trainer.val_check_interval=4", "trainer.limit_val_batches=1", "trainer.checkpoint_every_n_steps=4"]
-    overrides = ["model=auto", f"model.dense_checkpoint={tiny_hf_smollm_vocab}", "parallel.ep=2", *common]
+    overrides = ["model=auto", f"model.dense_checkpoint={tiny_hf_smollm_vocab}", "parallel.ep=2",
+                 *training_overrides(cache_dir, tmp_path)]
     out = _ok(run_training(2, overrides + ["trainer.max_steps=12"]))
     assert out.count("upcycled online from") == 1, out[-3000:]  # rank 0's alone
     _assert_quiet_console(out, tmp_path, steps=range(1, 13), total=12)

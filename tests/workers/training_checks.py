@@ -72,7 +72,7 @@ def _kill_a_rank_when(nproc: int, overrides: list[str], log_dir: Path, ready, wh
     checkpoint writer's multiprocessing manager) can outlive it and would hold a pipe open.
     """
     proc, log = _start_logging_to_file(nproc, overrides, log_dir, "killed")
-    deadline = time.monotonic() + timeout_s
+    deadline, workers = time.monotonic() + timeout_s, ()
     try:
         while time.monotonic() < deadline:
             if ready():
@@ -83,16 +83,16 @@ def _kill_a_rank_when(nproc: int, overrides: list[str], log_dir: Path, ready, wh
         else:
             raise AssertionError(f"no {what} within {timeout_s:.0f}s:\n{log.read_text()[-4000:]}")
         # torchrun's workers are the launcher's child processes.
-        workers = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "nemo_upcycle.train"],
-                                 capture_output=True, text=True).stdout.split()
+        workers = tuple(int(w) for w in subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "nemo_upcycle.train"],
+                                                       capture_output=True, text=True).stdout.split())
         assert len(workers) == nproc, f"expected {nproc} workers, found {workers}"
-        os.kill(int(workers[-1]), signal.SIGKILL)
+        os.kill(workers[-1], signal.SIGKILL)
         killed_at = time.monotonic()
         returncode = proc.wait(timeout=180)
         return subprocess.CompletedProcess(proc.args, returncode, log.read_text(), ""), time.monotonic() - killed_at
     finally:
         try:
-            os.killpg(proc.pid, signal.SIGKILL)  # stragglers of the failed job
+            os.killpg(proc.pid, signal.SIGKILL)  # stragglers, if any
         except ProcessLookupError:
             pass
 
@@ -124,7 +124,7 @@ def run_keeping_a_checkpoint(nproc: int, overrides: list[str], log_dir: Path, af
             raise AssertionError(f"training did not finish within {timeout_s}s:\n{log.read_text()[-4000:]}")
     finally:
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGKILL)  # stragglers, if any
         except ProcessLookupError:
             pass
     assert kept is not None or proc.returncode != 0, f"no complete checkpoint{name}* was seen in {ckpt_dir}"
@@ -212,18 +212,23 @@ def saving(log_dir: Path):
     return lambda: any((log_dir / "upcycle" / "checkpoints").glob("*-unfinished"))
 
 
-def tiny_training_overrides(tiny_smollm_vocab, cache_dir, log_dir, *more) -> list[str]:
-    """The tiny Llama with SmolLM2's vocabulary and tokenizer, trained on the Wikipedia sample:
-    a few seconds a step; checkpoints after every 4th step."""
-    path, tokenizer = tiny_smollm_vocab
+def training_overrides(cache_dir, log_dir, *more) -> list[str]:
+    """The tiny jobs' training settings, on the Wikipedia sample: a few seconds a step;
+    checkpoints after every 4th step."""
     return [
-        "model=tiny_llama", "model.vocab_size=49152", f"model.dense_checkpoint={path}",
-        f"model.tokenizer={tokenizer}", f"cache_dir={cache_dir}", f"log_dir={log_dir}",
+        f"cache_dir={cache_dir}", f"log_dir={log_dir}",
         "trainer.seq_length=64", "trainer.micro_batch_size=1", "trainer.global_batch_size=4",
         "trainer.lr=1e-3", "trainer.min_lr=1e-4", "trainer.warmup_steps=1",
         "trainer.val_check_interval=4", "trainer.limit_val_batches=1", "trainer.checkpoint_every_n_steps=4",
         *more,
     ]
+
+
+def tiny_training_overrides(tiny_smollm_vocab, cache_dir, log_dir, *more) -> list[str]:
+    """The tiny Llama with SmolLM2's vocabulary and tokenizer, with :func:`training_overrides`."""
+    path, tokenizer = tiny_smollm_vocab
+    return ["model=tiny_llama", "model.vocab_size=49152", f"model.dense_checkpoint={path}",
+            f"model.tokenizer={tokenizer}", *training_overrides(cache_dir, log_dir, *more)]
 
 
 class ReferenceRun:
