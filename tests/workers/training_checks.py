@@ -72,7 +72,7 @@ def _kill_a_rank_when(nproc: int, overrides: list[str], log_dir: Path, ready, wh
     checkpoint writer's multiprocessing manager) can outlive it and would hold a pipe open.
     """
     proc, log = _start_logging_to_file(nproc, overrides, log_dir, "killed")
-    deadline, workers = time.monotonic() + timeout_s, ()
+    deadline = time.monotonic() + timeout_s
     try:
         while time.monotonic() < deadline:
             if ready():
@@ -83,16 +83,16 @@ def _kill_a_rank_when(nproc: int, overrides: list[str], log_dir: Path, ready, wh
         else:
             raise AssertionError(f"no {what} within {timeout_s:.0f}s:\n{log.read_text()[-4000:]}")
         # torchrun's workers are the launcher's child processes.
-        workers = tuple(int(w) for w in subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "nemo_upcycle.train"],
-                                                       capture_output=True, text=True).stdout.split())
+        workers = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "nemo_upcycle.train"],
+                                 capture_output=True, text=True).stdout.split()
         assert len(workers) == nproc, f"expected {nproc} workers, found {workers}"
-        os.kill(workers[-1], signal.SIGKILL)
+        os.kill(int(workers[-1]), signal.SIGKILL)
         killed_at = time.monotonic()
         returncode = proc.wait(timeout=180)
         return subprocess.CompletedProcess(proc.args, returncode, log.read_text(), ""), time.monotonic() - killed_at
     finally:
         try:
-            os.killpg(proc.pid, signal.SIGKILL)  # stragglers, if any
+            os.killpg(proc.pid, signal.SIGKILL)  # stragglers of the failed job
         except ProcessLookupError:
             pass
 
@@ -124,7 +124,7 @@ def run_keeping_a_checkpoint(nproc: int, overrides: list[str], log_dir: Path, af
             raise AssertionError(f"training did not finish within {timeout_s}s:\n{log.read_text()[-4000:]}")
     finally:
         try:
-            os.killpg(proc.pid, signal.SIGKILL)  # stragglers, if any
+            os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
     assert kept is not None or proc.returncode != 0, f"no complete checkpoint{name}* was seen in {ckpt_dir}"
