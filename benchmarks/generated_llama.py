@@ -29,6 +29,13 @@ SHAPES = {
     "smollm2_shape_8l": dict(num_layers=8, hidden_size=576, ffn_hidden_size=1536, num_attention_heads=9,
                              num_query_groups=3, vocab_size=49152, max_position_embeddings=8192,
                              tie_embeddings=True),
+    # Llama 3.2 1B's widths and vocabulary (hidden 2048, FFN 8192, 32 heads, 8 KV groups, 128256
+    # tokens, untied) with 6 of its 16 layers: 0.89B dense, whose E8T2 (3.0B, about 54 GB of
+    # bf16 weights, fp32 gradients, master weights and Adam states) trains on one 80 GB GPU.
+    # The GPU script's throughput shape.
+    "llama_1b_6l": dict(num_layers=6, hidden_size=2048, ffn_hidden_size=8192, num_attention_heads=32,
+                        num_query_groups=8, vocab_size=128256, max_position_embeddings=8192,
+                        tie_embeddings=False),
     # Two tiny layers with SmolLM2's vocabulary (its tokenizer and data): the GPU script's dry run.
     "tiny_dry": dict(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
                      num_query_groups=2, vocab_size=49152, max_position_embeddings=1024,

@@ -47,17 +47,21 @@ from benchmarks import machine  # noqa: E402
 RESULTS = REPO / "benchmarks" / "results"
 
 
-def model_overrides(model: str, cache_dir: Path, with_tokenizer: bool = True) -> list[str]:
-    """Hydra overrides of ``model``; the SmolLM2 tokenizer (and data) only when training with NeMo."""
+def model_overrides(model: str, cache_dir: Path, with_tokenizer: bool = True,
+                    tokenizer: str | None = None) -> list[str]:
+    """Hydra overrides of ``model``; a tokenizer (and data) only when training with NeMo:
+    ``tokenizer``, else SmolLM2's (the embedded package's; the GPU script brings its own)."""
     if model == "smollm2":
         return ["model=smollm2_135m"]
     from benchmarks.generated_llama import ensure, model_overrides as shape_overrides
 
     out = shape_overrides(model, ensure(model, cache_dir))
     if with_tokenizer:
-        from nemo_upcycle.checkpoint.embedded import ensure_embedded
+        if tokenizer is None:
+            from nemo_upcycle.checkpoint.embedded import ensure_embedded
 
-        out.append(f"model.tokenizer={ensure_embedded('embedded:smollm2_135m', cache_dir)['hf']}")
+            tokenizer = ensure_embedded("embedded:smollm2_135m", cache_dir)["hf"]
+        out.append(f"model.tokenizer={tokenizer}")
     return out
 
 
@@ -135,7 +139,8 @@ def mcore_steps(prof: list[dict], warm: int, tokens_per_step: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2_shape_8l", choices=["smollm2_shape_8l", "smollm2", "tiny_dry"])
+    parser.add_argument("--model", default="smollm2_shape_8l", choices=["smollm2_shape_8l", "smollm2", "tiny_dry", "llama_1b_6l"])
+    parser.add_argument("--tokenizer", default=None, help="HF tokenizer folder for the data (default: SmolLM2's)")
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warm", type=int, default=3)
@@ -163,7 +168,7 @@ def main() -> None:
 
     info = machine.describe()
     cache_dir = Path(args.cache_dir)
-    base = model_overrides(args.model, cache_dir, with_tokenizer=args.backend == "nemo")
+    base = model_overrides(args.model, cache_dir, with_tokenizer=args.backend == "nemo", tokenizer=args.tokenizer)
     global_batch = args.micro_batch * args.nproc  # one micro-batch per rank per step
     trainer = [f"trainer.max_steps={args.steps}", f"trainer.micro_batch_size={args.micro_batch}",
                f"trainer.global_batch_size={global_batch}", f"trainer.seq_length={args.seq}",
@@ -229,8 +234,9 @@ def main() -> None:
            "layouts": {"dense": f"data parallel over {args.nproc} ranks",
                        "moe_e8t2": f"expert parallel EP{args.nproc} (attention/embeddings data parallel)"},
            "peak_tflops_per_device": peak_tflops, "peak_source": peak_source, "machine": info, "runs": runs,
-           "note": "CPU-only machine shared with other jobs; the two models were measured one after the other "
-                   "in the same run. No GPU was available for this task."}
+           "note": ("the two models were measured one after the other in the same run, "
+                    + (f"on one {torch.cuda.get_device_name()}" if torch.cuda.is_available()
+                       else "on a CPU-only machine shared with other jobs"))}
     dense, moe = runs.get("dense", {}), runs.get("moe_e8t2", {})
     if dense.get("status") == "ok" and moe.get("status") == "ok":
         measured = moe["step_time_s_median"] / dense["step_time_s_median"]

@@ -9,3 +9,5 @@ class UserError(ValueError):
     """Bad input (a configuration, a checkpoint, a path): the message names it and the fix."""
 
     exit_code = 2
+    # True: each rank prints it (what that rank alone saw, e.g. a deadline it waited out); else rank 0 does.
+    every_rank = False

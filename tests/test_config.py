@@ -23,9 +23,12 @@ def test_cfg_job_prints_the_composed_config():
 
 
 def test_experts_not_divisible_by_ep_fails_at_once_naming_both(tmp_path):
-    out = run_cli("nemo_upcycle.train", "moe.num_experts=7", "parallel.ep=2", f"log_dir={tmp_path}/run", cwd=tmp_path)
+    out = run_cli("nemo_upcycle.train", "moe.num_experts=7", "parallel.ep=2", "trainer.precision=fp16",
+                  "trainer.recompute=full", "trainer.recompute_method=blocks", f"log_dir={tmp_path}/run", cwd=tmp_path)
     assert out.returncode == 2
     assert "moe.num_experts=7" in out.stderr and "parallel.ep=2" in out.stderr
+    assert "trainer.precision=fp16 must be one of auto, bf16, fp32" in out.stderr
+    assert "trainer.recompute_method=blocks must be uniform" in out.stderr and "Traceback" not in out.stderr
     assert list(tmp_path.iterdir()) == [], "a rejected command must not create files"
 
 
@@ -88,12 +91,64 @@ def _problems(*overrides, world_size=None):
     (["trainer.guard_max_load_ratio=4"], None, "below moe.num_experts/moe.topk = 4"),
     (["trainer.guard_max_load_ratio=0.5"], None, "must be >= 1 (1 = perfectly balanced)"),
     (["moe=dense", "trainer.guard_max_load_ratio=2"], None, "moe=dense has none"),
+    # the precision is a closed choice: a Lightning spelling would have to be guessed
+    (["trainer.precision=bf16-mixed"], None, "trainer.precision=bf16-mixed must be one of auto, bf16, fp32"),
     # evaluation settings fail with the rest, before any weight is read
     (["eval.mmlu.scoring=cloze"], None, "eval.mmlu.scoring=cloze must be loglik or letter"),
+    # activation recomputation, by megatron-core's TransformerConfig rules (which fire only at build)
+    (["trainer.recompute=partial"], None, "trainer.recompute=partial must be one of none, selective, full"),
+    (["trainer.recompute=selective", "trainer.recompute_modules=[core_attn,mla_up_proj]"], None,
+     "mla_up_proj not available"),
+    (["trainer.recompute=selective", "trainer.recompute_modules=[]"], None, "trainer.recompute_modules=[]: empty"),
+    (["trainer.recompute=selective", "trainer.recompute_modules=[moe_act]"], None,
+     "moe_act, which megatron-core recomputes only in grouped-GEMM experts"),
+    (["trainer.recompute=full", "trainer.recompute_method=interleaved"], None, "must be uniform"),
+    (["trainer.recompute=full", "parallel.pp=2", "trainer.recompute_num_layers=3"], None,
+     "between 1 and the 2 layers of a pipeline chunk"),
+    (["trainer.recompute=full", "trainer.recompute_num_layers=3"], None, "must divide the 4 layers"),
 ])
 def test_contradictions_are_named(overrides, world, needle):
     problems = _problems(*overrides, world_size=world)
     assert any(needle in p for p in problems), problems
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32", "auto"])
+def test_the_optimizer_follows_the_parameter_dtype(precision):
+    """The model is built in the dtype trainer.precision names (auto: bf16 on a GPU, fp32 on
+    CPU), and mixed precision with fp32 master weights is on exactly when that dtype is bf16."""
+    import torch
+
+    from nemo_upcycle.model.modeling import transformer_config_kwargs
+    from nemo_upcycle.training.job import trains_in_bf16
+
+    cfg = compose_config(["model=tiny_llama", "model.dense_checkpoint=x", f"trainer.precision={precision}"])
+    auto = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    expected = {"bf16": torch.bfloat16, "fp32": torch.float32, "auto": auto}[precision]
+    assert transformer_config_kwargs(cfg)["params_dtype"] is expected
+    assert trains_in_bf16(cfg) is (expected is torch.bfloat16)
+
+
+@pytest.mark.parametrize("name", ["none", "selective", "selective_all", "full"])
+def test_each_recompute_the_planner_names_trains_as_named(name):
+    """`nemo-upcycle plan` names the override that selects each recomputation it sizes; each one
+    composes, passes the checks (selective_all's moe_act needs the grouped-GEMM experts of a
+    GPU: refused here, with the reason) and reaches megatron-core's TransformerConfig, whose
+    own validation accepts it."""
+    from nemo_upcycle.capacity.memory import RECOMPUTE
+    from nemo_upcycle.model.modeling import build_transformer_config
+
+    overrides = ["model=tiny_llama", "model.dense_checkpoint=x", *RECOMPUTE[name].split()]
+    problems = collect_problems(compose_config(overrides))
+    if name == "selective_all":
+        assert len(problems) == 1 and "moe_act" in problems[0], problems
+        return
+    assert problems == []
+    config = build_transformer_config(compose_config(overrides))
+    assert config.recompute_granularity == {"none": None, "selective": "selective", "full": "full"}[name]
+    if name == "full":
+        assert (config.recompute_method, config.recompute_num_layers) == ("uniform", 1)
+    if name == "selective":
+        assert config.recompute_modules == ["core_attn"]
 
 
 def test_valid_layouts_have_no_problems():

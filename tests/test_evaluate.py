@@ -227,11 +227,11 @@ def test_eval_config_defaults_are_in_the_job_config():
 
 
 def test_nemo_checkpoint_key_prefix_is_detected():
-    from nemo_upcycle.evaluation.backends import checkpoint_key_prefix
+    from nemo_upcycle.model.megatron_keys import key_prefix
 
     keys = ["embedding.word_embeddings.weight", "decoder.final_layernorm.weight"]
-    assert checkpoint_key_prefix(keys) == ""
-    assert checkpoint_key_prefix(["module." + k for k in keys] + ["optimizer.state.x"]) == "module."
+    assert key_prefix(keys) == ""
+    assert key_prefix(["module." + k for k in keys] + ["optimizer.state.x"]) == "module."
 
 
 # ----------------------------------------------------------------------------- back ends agree

@@ -9,7 +9,9 @@ checkpoint. transformers loads each folder with no custom code and must compute 
 megatron-core computes on the trained checkpoint (logits within 1e-3, 20 greedy tokens),
 ``evaluate`` on a checkpoint (megatron-core) and on its export (transformers) must give
 the same perplexity, and ``import_dense`` must read each format back to the trained weights,
-tensor for tensor identical.
+tensor for tensor identical. The dense checkpoints these runs upcycled from are deleted once
+they have trained (the reference runs' copies, the Hugging Face folders here): everything
+below reads the trained checkpoint alone, NeMo's own ``io.load_context`` + restore included.
 
 | export | target | trained at | what it covers |
 |---|---|---|---|
@@ -58,6 +60,8 @@ EXPORTS = {
                       attention_bias=False, use_qk_norm=False, partial_rotary_factor=1.0)),
 }
 EVALUATED = ("mixtral_g2", "qwen3")
+# Also loaded the way NeMo's own tools load a checkpoint (io.load_context + the strategy's restore).
+NEMO_RESTORED = "qwen3"
 EVAL = ["eval.mmlu.num_questions=0", "eval.ppl.seq_length=64", "eval.ppl.max_tokens=512"]
 
 
@@ -75,9 +79,12 @@ def _hf_source(family: str, folder, tokenizer):
 
 
 def _train_for_export(name, tiny_smollm_vocab, cache_dir, root):
+    """The trained checkpoint; a dense folder of its own is deleted once trained (the export,
+    the evaluation and NeMo's restore below read the checkpoint alone)."""
     source, settings = EXPORT_RUNS[name]
     log_dir = root / name / "run"
     more = [*settings, "trainer.max_steps=4"]
+    folder = None
     if source == "tiny_llama":
         overrides = tiny_training_overrides(tiny_smollm_vocab, cache_dir, log_dir, *more)
     else:
@@ -85,6 +92,8 @@ def _train_for_export(name, tiny_smollm_vocab, cache_dir, root):
         overrides = ["model=auto", f"model.dense_checkpoint={folder}", *training_overrides(cache_dir, log_dir, *more)]
     result = run_training(2, overrides)
     assert result.returncode == 0, result.stdout[-5000:]
+    if folder is not None:
+        shutil.rmtree(folder)
     (last,) = (log_dir / "upcycle" / "checkpoints").glob("*-last")
     return last
 
@@ -113,7 +122,8 @@ def exported(request, tiny_smollm_vocab, cache_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def compared(exported):
     """One launch: each trained checkpoint in megatron-core vs its folder in transformers."""
-    runs = {name: {"checkpoint": str(ckpt), "hf_dir": str(folder)} for name, (ckpt, folder, _) in exported.items()}
+    runs = {name: {"checkpoint": str(ckpt), "hf_dir": str(folder), "nemo_restore": name == NEMO_RESTORED}
+            for name, (ckpt, folder, _) in exported.items()}
     results = run_on_ranks("tests.workers.each_layout:each", 1, timeout_s=120 + 60 * len(runs),
                            check="tests.workers.export_trained_checks:trained_vs_export", runs=runs)[0]
     print(json.dumps(results, indent=1))
@@ -148,6 +158,15 @@ def test_export_computes_what_was_trained(name, compared):
         assert r["expert_bias_moved"] > 0, "training did not move the expert bias"
     assert r["logit_scale"] > 1.0 and r["max_abs_diff"] <= 1e-3, r
     assert r["generation_equal"] and r["generated_tokens"] == 20, r
+
+
+def test_nemo_restores_a_trained_checkpoint_on_its_own(compared):
+    """NeMo's own loading (``io.load_context(<checkpoint>/context)``, then its strategy's restore,
+    as ``llm.generate`` and a fine-tune do) rebuilds the trained model, not a fresh upcycle of
+    the dense folder (deleted since): the same logits as megatron-core's loader (the same fp32
+    weights through the same modules: equal up to the last bits)."""
+    r = compared[NEMO_RESTORED]
+    assert r["nemo_restore_max_abs_diff"] <= 1e-5 * r["logit_scale"], r
 
 
 def _ppl(*args) -> float:
@@ -189,8 +208,17 @@ def test_a_live_shared_expert_is_refused_on_import(exported, tmp_path):
 
 
 def test_reference_runs_trained(tp2_ep2_reference_run, pp2_reference_run):
+    """Both learn, and both with activation recomputation (tests/conftest.py): the model config
+    NeMo recorded in the checkpoint is the TransformerConfig megatron-core built and ran."""
+    from nemo_upcycle.checkpoint.nemo2_context import model_config
+
     for run in (tp2_ep2_reference_run, pp2_reference_run):
         assert min(run.losses[7], run.losses[8]) < run.losses[1] - 0.1, run.losses
+    full = model_config(pp2_reference_run.last / "context")
+    assert (full["recompute_granularity"], full["recompute_method"], full["recompute_num_layers"]) == ("full", "uniform", 1)
+    selective = model_config(tp2_ep2_reference_run.last / "context")
+    assert selective["recompute_granularity"] == "selective", selective
+    assert selective["recompute_modules"] == ["core_attn", "layernorm", "moe"], selective
 
 
 def test_export_refuses_overrides_that_contradict_the_trained_checkpoint(tmp_path):

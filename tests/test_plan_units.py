@@ -442,3 +442,103 @@ def test_router_table_states_the_known_exact_cases():
     exact = {t: [ROUTERS[t].exact_at_step0(k) for k in (1, 2)] for t in ROUTERS}
     assert exact == {"topk_softmax": [True, True], "softmax_topk": [False, False],
                      "sinkhorn": [False, False], "aux_free": [False, True]}
+
+
+# verify's tolerances --------------------------------------------------------------------------
+
+# Measured by verify (README, "verify's tolerances"): (layers, dtype, max|logit|, MoE-vs-dense
+# max difference, megatron-core vs transformers max difference, the largest difference a bug
+# put into the upcycling gave, or None).
+MEASURED = [
+    (30, torch.float32, 37.2, 1.03e-4, 9.78e-5, None),  # SmolLM2 at TP3/EP2/ETP1/SP, 6 ranks
+    (30, torch.float32, 36.8, 6.68e-5, 6.20e-5, None),  # SmolLM2 at EP2
+    (30, torch.bfloat16, 37.0, 1.03, 0.865, None),  # SmolLM2 at EP2
+    (30, torch.bfloat16, 37.2, 1.03, 0.975, None),  # SmolLM2 at TP3/EP2/ETP1/SP
+    (4, torch.float32, 0.62, 3.28e-7, 2.68e-7, 6.57e-3),  # tiny, its 33 layouts; a wrong expert slice
+    (4, torch.float32, 3.34, 2.38e-6, 3.04e-6, 1.07),  # tiny with init 0.1, 8 layouts; wrong slice
+    (4, torch.bfloat16, 3.34, 5.47e-2, 5.67e-2, 1.14),  # the same in bf16
+]
+
+
+@pytest.mark.parametrize("layers,dtype,scale,upcycled,imported,bug", MEASURED)
+def test_verify_tolerance_covers_measured_rounding_and_fails_a_bug(layers, dtype, scale, upcycled, imported, bug):
+    """The derived rule against the runs it was derived from: rounding passes with a margin of
+    2, a bug fails by 2, and the tolerance stays a fraction of the logits' magnitude."""
+    from nemo_upcycle.upcycle.exactness import logit_tolerance, rounding_tolerance
+
+    cfg = _cfg(num_layers=layers)
+    tolerance = logit_tolerance(cfg, dtype, scale)
+    assert tolerance == rounding_tolerance(dtype, scale, layers)
+    assert 2 * max(upcycled, imported) <= tolerance < 0.2 * max(scale, 1.0)
+    if bug is not None:
+        assert bug > 2 * tolerance
+    assert logit_tolerance(_cfg(num_layers=layers, capacity_factor=1.0), dtype, scale) is None
+
+
+# ----------------------------------------------------------------------------- both layer specs' names
+# megatron-core 0.15.3 saves an MoE layer's pre-MLP norm as ``pre_mlp_layernorm.weight`` under the
+# Transformer Engine spec and as ``mlp.linear_fc1.layer_norm_weight`` under the local spec (whose
+# keys map renames it); tests/workers/upcycle_checks.py builds both with megatron-core's own modules.
+
+TE_MOE_STATE = {
+    "module.embedding.word_embeddings.weight": (16, 4),
+    "module.decoder.layers.0.self_attention.linear_qkv.layer_norm_weight": (4,),
+    "module.decoder.layers.0.pre_mlp_layernorm.weight": (4,),
+    "module.decoder.layers.0.mlp.router.weight": (8, 4),
+    "module.decoder.layers.0.mlp.experts.experts.linear_fc1.weight": (8, 8, 4),
+    "module.decoder.layers.1.mlp.linear_fc1.layer_norm_weight": (4,),
+    "module.decoder.layers.1.mlp.linear_fc1.weight": (16, 4),
+    "optimizer.state.exp_avg.module.decoder.layers.0.pre_mlp_layernorm.weight": (4,),
+    "module.decoder.layers.0.self_attention.linear_qkv._extra_state/shard_0_1": (),
+}
+
+
+def test_either_layer_specs_keys_read_as_the_same_canonical_tensor():
+    from nemo_upcycle.model.megatron_keys import (MLP_NORM, TE_NAMES, MegatronNaming, canonical_key,
+                                                  parse_megatron_key)
+
+    assert parse_megatron_key("module.decoder.layers.0.pre_mlp_layernorm.weight") == (MLP_NORM, False, 0)
+    assert parse_megatron_key("decoder.layers.pre_mlp_layernorm.weight") == (MLP_NORM, True, -1)
+    assert canonical_key("optimizer.state.exp_avg.module.decoder.layers.0.pre_mlp_layernorm.weight") == \
+        "optimizer.state.exp_avg.module.decoder.layers.0.mlp.linear_fc1.layer_norm_weight"
+    naming = MegatronNaming.of_keys(TE_MOE_STATE)
+    assert (naming.stacked, naming.prefix, naming.layer_naming, naming.moe_layers) == \
+        (False, "module.", TE_NAMES, frozenset({0}))
+    assert naming.key(0, MLP_NORM, None)[0] == "module.decoder.layers.0.pre_mlp_layernorm.weight"
+    assert naming.key(1, MLP_NORM, None)[0] == "module.decoder.layers.1.mlp.linear_fc1.layer_norm_weight"
+    resolver = DenseKeyResolver(TE_MOE_STATE, num_layers=2)
+    assert resolver.resolve(0, MLP_NORM) == ("module.decoder.layers.0.pre_mlp_layernorm.weight", (), False)
+    # A dense model is named alike by both specs: a dense checkpoint reads as the local naming.
+    assert MegatronNaming.of_keys(STACKED).layer_naming == "local"
+
+
+def test_a_te_named_moe_plans_its_norm_from_the_dense_layers_norm():
+    te_norm = StateTensor("decoder.layers.0.pre_mlp_layernorm.weight", (H,), (0,), (H,),
+                          parameter="decoder.layers.0.pre_mlp_layernorm.weight")
+    assert canonical_name(te_norm) == (0, "mlp.linear_fc1.layer_norm_weight", (0,))
+    chunk = _rank_chunk()
+    plan = _plan(ChunkDescription(chunk.state + (te_norm,), chunk.factory_keys, chunk.ffns))
+    (norm,) = [e for e in plan.entries if e.target == "0/decoder.layers.0.pre_mlp_layernorm.weight"]
+    dense = _dense_checkpoint()
+    want = dense["decoder.layers.mlp.linear_fc1.layer_norm_weight"][0]
+    assert torch.equal(_deliver(norm.pieces, dense, norm.shape), want)
+
+
+def test_a_checkpoint_of_one_naming_maps_onto_a_model_of_the_other_and_nothing_else_is_let_through():
+    from nemo_upcycle.model.megatron_keys import checkpoint_spellings, model_key_mismatch
+
+    local_model = ["module.decoder.layers.0.mlp.linear_fc1.layer_norm_weight",  # the TE checkpoint's layer-0 norm
+                   "module.decoder.layers.1.mlp.linear_fc1.layer_norm_weight",  # a dense layer: same in both
+                   "optimizer.state.exp_avg.module.decoder.layers.0.mlp.linear_fc1.layer_norm_weight",
+                   "decoder.layers.0.mlp.router.weight"]  # no prefix on this side
+    assert checkpoint_spellings(local_model, TE_MOE_STATE) == {
+        local_model[0]: "module.decoder.layers.0.pre_mlp_layernorm.weight",
+        local_model[2]: "optimizer.state.exp_avg.module.decoder.layers.0.pre_mlp_layernorm.weight",
+        local_model[3]: "module.decoder.layers.0.mlp.router.weight"}
+    model = [k for k in TE_MOE_STATE if not k.startswith("optimizer.")]
+    assert not model_key_mismatch(model, TE_MOE_STATE), "_extra_state and optimizer states are no model weights"
+    missing = model_key_mismatch(model + ["module.output_layer.weight"], TE_MOE_STATE)
+    assert missing.missing == ("module.output_layer.weight",) and not missing.unexpected
+    unexpected = model_key_mismatch(model[1:], TE_MOE_STATE)
+    assert unexpected.unexpected == ("module.embedding.word_embeddings.weight",) and not unexpected.missing
+    assert "1 model tensor(s) in the checkpoint but not in the model: module.embedding" in unexpected.describe()

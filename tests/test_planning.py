@@ -69,7 +69,9 @@ def test_plan_cli_prints_parameters_and_budget():
     assert "total       47.49B" in out and "active      13.67B" in out
     assert "upcycled layers 32 of 32" in out
     assert "GPU-hours" in out and "of pre-training compute" in out
-    assert "verdict:" in out
+    # The verdict names the training override that selects the recomputation it sized.
+    verdict = out.split("verdict:", 1)[1].splitlines()[0]
+    assert "trainer.recompute=" in verdict, verdict
 
 
 def test_plan_json_has_the_same_numbers():
@@ -85,6 +87,23 @@ def test_plan_json_has_the_same_numbers():
     expected = 1e11 * report["flops"]["moe"]["training"] / (989.4e12 * 0.39) / 3600
     assert budget["gpu_hours"] == pytest.approx(expected)
     assert 0 < budget["fraction_of_pretraining"] < 0.05
+
+
+@pytest.mark.parametrize("device_name, peak", [
+    ("NVIDIA H100 80GB HBM3", 989.4),  # H100 SXM5: what the lent H100 reports
+    ("NVIDIA H100 PCIe", 756.0),
+    ("NVIDIA H100 NVL", 835.0),
+    ("NVIDIA H200", 989.4),
+    ("NVIDIA A100-SXM4-80GB", 312.0),
+    ("NVIDIA A100-PCIE-40GB", 312.0),
+    ("NVIDIA GH200 480GB", None),  # not in the table: no guess, trainer.peak_tflops asked for
+    ("NVIDIA H100", None),  # no form factor named: which of three peaks is unknown
+])
+def test_mfu_peak_from_the_device_name_torch_reports(device_name, peak):
+    from nemo_upcycle.capacity.budget import gpu_for_device_name
+
+    gpu = gpu_for_device_name(device_name)
+    assert (gpu.bf16_tflops if gpu else None) == peak
 
 
 def test_flops_per_token_standard_accounting():

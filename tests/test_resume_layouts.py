@@ -29,9 +29,11 @@ FIRST_STEP_TOLERANCE, LATER_TOLERANCE = 1e-5, 1e-3
 
 
 def _resume(reference, tiny_smollm_vocab, cache_dir, tmp_path, nproc, *layout):
-    """Resume the reference's step-4 checkpoint at ``layout``; the resumed steps' losses."""
+    """Resume the reference's step-4 checkpoint at ``layout``; the resumed steps' losses. The
+    command names the dense checkpoint the reference upcycled from, deleted since."""
     log_dir = reference.step4_log_dir(tmp_path / "resumed")
-    result = run_training(nproc, tiny_training_overrides(tiny_smollm_vocab, cache_dir, log_dir, *layout,
+    assert not reference.dense[0].exists()
+    result = run_training(nproc, tiny_training_overrides(reference.dense, cache_dir, log_dir, *layout,
                                                          "trainer.max_steps=8"))
     out = result.stdout
     assert result.returncode == 0, out[-5000:]
@@ -48,7 +50,8 @@ def _resume(reference, tiny_smollm_vocab, cache_dir, tmp_path, nproc, *layout):
 
 def test_pp2_checkpoint_resumes_without_pipeline_parallelism(pp2_reference_run, tiny_smollm_vocab,
                                                                    cache_dir, tmp_path):
-    """Saved at PP2 (2 ranks, one stage each), resumed at PP1 on 1 rank."""
+    """Saved at PP2 (2 ranks, one stage each) with full activation recomputation, resumed at
+    PP1 on 1 rank without it: recomputing the forward in the backward pass changes no number."""
     _resume(pp2_reference_run, tiny_smollm_vocab, cache_dir, tmp_path, 1)
 
 
@@ -58,3 +61,60 @@ def test_ep2_checkpoint_resumes_at_tp2_with_expert_tensor_parallelism(ep2_refere
     with EP1/ETP2 and sequence parallelism on 2 ranks (each rank half of all 8 experts)."""
     _resume(ep2_reference_run, tiny_smollm_vocab, cache_dir, tmp_path, 2, "parallel.tp=2", "parallel.sp=true",
             "parallel.ep=1", "parallel.etp=2", "trainer.distributed_optimizer=true")
+
+
+def test_a_checkpoint_resumes_exports_and_loads_under_the_other_layer_specs_names(
+        ep2_reference_run, tiny_smollm_vocab, cache_dir, tmp_path, monkeypatch):
+    """The reference's step-4 checkpoint (the local spec's names) resumed at the same layout by a
+    model with the Transformer Engine spec's names (megatron-core's local spec without its MoE
+    norm key mapping: ``pre_mlp_layernorm.weight``): the names are mapped on load and steps 5-8
+    are the uninterrupted run's, bit for bit. The checkpoint it writes (TE names, recorded in its
+    context) exports to Hugging Face with transformers' logits equal to megatron-core's, the
+    model there built with the local spec's names again; and with one model weight taken out of
+    its metadata, ``evaluate`` refuses it naming the key (exit 2, no traceback)."""
+    import os
+    import pickle
+    import shutil
+
+    from nemo_upcycle.checkpoint.nemo2_context import stored_layer_naming
+    from nemo_upcycle.model.megatron_keys import TE_NAMES, layer_naming_of_keys
+    from nemo_upcycle.model.modeling import LAYER_NAMES_ENV
+    from nemo_upcycle.testing.multirank import run_on_ranks
+    from nemo_upcycle.upcycle.sources import TorchDistCheckpoint
+    from tests.checkpoint_helpers import export, run_cli
+
+    log_dir = ep2_reference_run.step4_log_dir(tmp_path / "resumed")
+    monkeypatch.setenv(LAYER_NAMES_ENV, TE_NAMES)
+    result = run_training(2, tiny_training_overrides(tiny_smollm_vocab, cache_dir, log_dir, *ep2_reference_run.layout))
+    monkeypatch.delenv(LAYER_NAMES_ENV)
+    assert result.returncode == 0 and "resuming from" in result.stdout, result.stdout[-5000:]
+    after = losses_by_step(log_dir)
+    assert after == {s: ep2_reference_run.losses[s] for s in RESUMED_STEPS}, (after, ep2_reference_run.losses)
+    (last,) = (log_dir / "upcycle" / "checkpoints").glob("*-step=7-*")  # after step 8
+    keys = TorchDistCheckpoint(last).metadata.state_dict_metadata
+    assert layer_naming_of_keys(keys) == TE_NAMES and stored_layer_naming(last) == TE_NAMES
+    assert layer_naming_of_keys(TorchDistCheckpoint(ep2_reference_run.last).metadata.state_dict_metadata) == "local"
+
+    hf = tmp_path / "hf"
+    export(hf, f"checkpoint={log_dir}")
+    r = run_on_ranks("tests.workers.export_trained_checks:trained_vs_export", 1, timeout_s=300,
+                     checkpoint=str(log_dir), hf_dir=str(hf))[0]
+    assert r["hf_class"] == "MixtralForCausalLM" and r["logit_scale"] > 1.0
+    assert r["max_abs_diff"] <= 1e-3 and r["generation_equal"], r
+
+    # The same checkpoint with one model weight missing (a hard-linked copy, its metadata rewritten).
+    broken = tmp_path / "broken"
+    shutil.copytree(last, broken, copy_function=os.link)
+    gone = "module.decoder.layers.0.pre_mlp_layernorm.weight"  # the model here asks for it by the local name
+    metadata_file = broken / "weights" / ".metadata"
+    metadata = pickle.loads(metadata_file.read_bytes())
+    del metadata.state_dict_metadata[gone]
+    metadata.storage_data = {i: s for i, s in metadata.storage_data.items() if i.fqn != gone}
+    metadata_file.unlink()  # a link to the original: write a new file instead
+    metadata_file.write_bytes(pickle.dumps(metadata))
+    refused = run_cli("nemo_upcycle.evaluate", f"checkpoint={broken}", f"log_dir={tmp_path / 'eval'}",
+                      f"cache_dir={cache_dir}", "eval.mmlu.num_questions=0", "eval.ppl.max_tokens=64")
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert ("1 model tensor(s) missing from the checkpoint: decoder.layers.0.mlp.linear_fc1.layer_norm_weight"
+            in refused.stderr), refused.stderr[-3000:]
+    assert "Traceback" not in refused.stderr + refused.stdout

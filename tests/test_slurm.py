@@ -9,14 +9,13 @@ checkpoint instead of upcycling.
 """
 from __future__ import annotations
 
-import os
 import re
 import time
 from pathlib import Path
 
 import pytest
 
-from nemo_upcycle.platform.launcher_env import slurm_job_port
+from nemo_upcycle.platform.launcher_env import slurm_job_port, standalone_env
 from nemo_upcycle.testing.local_slurm import SlurmUnavailable, local_slurm
 from tests.conftest import REPO
 from tests.workers.training_checks import losses_by_step
@@ -26,9 +25,9 @@ pytestmark = pytest.mark.multirank
 TEMPLATE = "scripts/slurm/upcycle.sbatch"
 STEPS = 2  # one checkpoint, after the last step: what the relaunch resumes from
 JOB_TIMEOUT_S = 420
-# The launcher's variables of an enclosing job (CI itself may run under torchrun or Slurm)
-# would override what the template and srun set for the job's ranks.
-INHERITED = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "PYTHON", "NEMO_UPCYCLE_DIR")
+# The template's own inputs: a value left over from the caller's shell would pick another Python or checkout.
+# (The launcher variables of an enclosing job, CI under torchrun or Slurm, go by standalone_env.)
+TEMPLATE_INPUTS = ("PYTHON", "NEMO_UPCYCLE_DIR")
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +55,7 @@ def _sbatch_args(tiny_smollm_vocab, cache_dir, out_dir: Path, log_dir: Path) -> 
 
 
 def _job_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in INHERITED and not k.startswith("SLURM_")}
+    env = {k: v for k, v in standalone_env().items() if k not in TEMPLATE_INPUTS}
     return dict(env, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 
 

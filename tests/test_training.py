@@ -5,9 +5,16 @@ so each run takes seconds per step and exercises exactly the path the README's c
 takes on the full model (which the slow demo test covers).
 """
 
+import json
+import shutil
+from pathlib import Path
+
 import pytest
+import torch
+from safetensors import safe_open
 
 from nemo_upcycle.config.compose import compose_config
+from tests.checkpoint_helpers import export, run_cli
 from tests.workers.training_checks import (
     losses_by_step, read_metrics, run_and_kill_a_rank, run_and_kill_a_rank_during_save, run_training,
     tiny_training_overrides, training_overrides,
@@ -26,11 +33,20 @@ def test_ep2_training_straight_from_a_hf_folder_logs_everything_and_resumes(tiny
     """The user's command on a Llama 3.1-style folder as downloaded: ``model=auto`` reads the
     architecture (RoPE scaling included) from config.json, the job upcycles straight from the
     safetensors, trains, checkpoints (with the tokenizer files alone in the context), and a
-    relaunch resumes without upcycling."""
-    overrides = ["model=auto", f"model.dense_checkpoint={tiny_hf_smollm_vocab}", "parallel.ep=2",
-                 *training_overrides(cache_dir, tmp_path)]
-    out = _ok(run_training(2, overrides + ["trainer.max_steps=12"]))
+    relaunch of the same command resumes without upcycling, the dense folder deleted
+    meanwhile (the checkpoint stands alone: architecture and tokenizer come from it).
+    Weights & Biases logs beside TensorBoard (offline, its run files in log_dir).
+
+    In bf16 end to end, as users run it: the folder is bf16 (as Llama 3 ships), the parameters
+    are bf16 from the upcycling on (fp32 master weights in the distributed optimizer), the
+    relaunch resumes at TP2/EP2/ETP1 with sequence parallelism, and the export is bf16."""
+    dense = Path(shutil.copytree(tiny_hf_smollm_vocab, tmp_path / "dense" / tiny_hf_smollm_vocab.name))
+    overrides = ["model=auto", f"model.dense_checkpoint={dense}", "parallel.ep=2", "logger.wandb=true",
+                 "trainer.precision=bf16",
+                 "trainer.distributed_optimizer=true", *training_overrides(cache_dir, tmp_path)]
+    out = _ok(run_training(2, overrides + ["trainer.max_steps=12"], env=WANDB_OFFLINE))
     assert out.count("upcycled online from") == 1, out[-3000:]  # rank 0's alone
+    assert out.count("parameters in bfloat16 on cpu (trainer.precision=bf16; fp32 master weights") == 1, out[-3000:]
     _assert_quiet_console(out, tmp_path, steps=range(1, 13), total=12)
     records = read_metrics(tmp_path)
     losses = [r["loss"] for r in records]
@@ -40,6 +56,7 @@ def test_ep2_training_straight_from_a_hf_folder_logs_everything_and_resumes(tiny
         assert key in records[-1], key
     assert (tmp_path / "expert_load_layer0.png").stat().st_size > 10_000
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    _assert_wandb_run(tmp_path, out, runs=1)
     (last,) = (tmp_path / "upcycle" / "checkpoints").glob("*-last")
     cfg = compose_config(overrides)
     from nemo_upcycle.checkpoint.dense_source import open_dense_source
@@ -47,11 +64,47 @@ def test_ep2_training_straight_from_a_hf_folder_logs_everything_and_resumes(tiny
     open_dense_source(cfg)  # model=auto, filled as the job filled it
     assert cfg.model.rope_scaling_factor == 8.0 and cfg.model.rope_scaling_original_max_position == 256
     _assert_disk_estimate_matches(cfg, last)
+    assert _model_dtypes(last) == {torch.bfloat16}
 
-    out = _ok(run_training(2, overrides + ["trainer.max_steps=14"]))
+    shutil.rmtree(dense)
+    tp2_ep2_etp1 = ["parallel.tp=2", "parallel.etp=1", "parallel.sp=true"]
+    out = _ok(run_training(2, overrides + tp2_ep2_etp1 + ["trainer.max_steps=14"], env=WANDB_OFFLINE))
     assert "resuming from" in out and "upcycled online" not in out
+    assert "parameters in bfloat16 on cpu" in out, out[-3000:]
     _assert_quiet_console(out, tmp_path, steps=range(13, 15), total=14)
     assert sorted(losses_by_step(tmp_path)) == list(range(1, 15))
+    _assert_wandb_run(tmp_path, out, runs=2)
+    exported = tmp_path / "hf"
+    export(exported, f"checkpoint={tmp_path}")
+    assert json.loads((exported / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    with safe_open(str(exported / "model.safetensors"), framework="pt") as f:
+        assert {f.get_slice(name).get_dtype() for name in f.keys()} == {"BF16"}
+
+
+WANDB_OFFLINE = {"WANDB_MODE": "offline"}
+
+
+def _assert_wandb_run(log_dir, out: str, runs: int):
+    """One offline W&B run per launch under log_dir/wandb, holding the step metrics (the keys
+    TensorBoard gets) and the job's configuration; its banner stays off the console."""
+    found = sorted((log_dir / "wandb").glob("offline-run-*"))
+    assert len(found) == runs, found
+    (records,) = found[-1].glob("run-*.wandb")
+    data = records.read_bytes()
+    for key in (b"upcycle/loss", b"upcycle/tokens_per_s", b"upcycle/router_entropy", b"capacity_factor"):
+        assert key in data, key
+    assert f"W&B run files {log_dir / 'wandb'}" in out and "wandb:" not in out, out[-3000:]
+
+
+def _model_dtypes(checkpoint) -> set:
+    """The dtypes of the model's tensors in a NeMo checkpoint (not the optimizer's)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from nemo_upcycle.upcycle.sources import TorchDistCheckpoint
+
+    stored = TorchDistCheckpoint(checkpoint).metadata.state_dict_metadata
+    return {md.properties.dtype for key, md in stored.items()
+            if key.startswith("module.") and isinstance(md, TensorStorageMetadata)}
 
 
 def _assert_quiet_console(out: str, log_dir, steps, total: int):
@@ -129,10 +182,17 @@ def test_resume_at_a_different_layout(tiny_smollm_vocab, cache_dir, tmp_path, ep
     optimizer is one instead of a dense + experts chain): the checkpoint, the distributed
     optimizer's state included, reshards and training continues where it was (same losses as
     never stopping, up to reduction order). Resuming without the optimizer that wrote the
-    checkpoint is refused before training, with the fix."""
+    checkpoint is refused before training, with the fix, and so is a model the checkpoint was
+    not trained as (its stored configuration is what a relaunch checks, not the dense folder)."""
     expected = ep2_reference_run.losses
     resumed_dir = ep2_reference_run.step4_log_dir(tmp_path / "resumed")
-    ep1 = tiny_training_overrides(tiny_smollm_vocab, cache_dir, resumed_dir, "parallel.ep=1", "trainer.max_steps=8")
+    # The dense checkpoint the reference upcycled from is deleted: the checkpoint stands alone.
+    ep1 = tiny_training_overrides(ep2_reference_run.dense, cache_dir, resumed_dir, "parallel.ep=1",
+                                  "trainer.max_steps=8")
+    other_model = run_cli("nemo_upcycle.train", *ep1, "moe.topk=4")
+    assert other_model.returncode == 2 and "Traceback" not in other_model.stderr, other_model.stderr[-3000:]
+    assert "moe.topk: the command line gives moe.topk=4, the checkpoint was trained with moe.topk=2" \
+        in other_model.stderr, other_model.stderr[-3000:]
     refused = run_training(1, ep1 + ["trainer.distributed_optimizer=false"])
     assert refused.returncode != 0
     assert ("was saved with trainer.distributed_optimizer=true and this run sets trainer.distributed_optimizer=false"
@@ -147,15 +207,20 @@ def test_resume_at_a_different_layout(tiny_smollm_vocab, cache_dir, tmp_path, ep
         assert after[step] == pytest.approx(expected[step], rel=2e-3), (step, after[step], expected[step])
 
 
-def test_capacity_factor_reports_dropped_tokens_and_the_guard_stops_on_them(tiny_smollm_vocab, cache_dir, tmp_path):
+def test_capacity_factor_reports_dropped_tokens_and_the_guard_stops_on_them(tiny_smollm_vocab, cache_dir, tmp_path,
+                                                                          prepared_news):
     """Capacity factor 0.5 drops about half the tokens: reported in the metrics, and with
     trainer.guard_max_dropped_fraction=0.2 every rank stops after the first step, naming it and
-    each layer's router statistics, before anything is saved."""
+    each layer's router statistics, before anything is saved. It trains on the .bin/.idx that
+    `nemo-upcycle prepare_data` wrote (data.paths=<its prefix>), as a user of a real corpus would."""
     overrides = tiny_training_overrides(tiny_smollm_vocab, cache_dir, tmp_path, "parallel.ep=2",
                                         "moe.capacity_factor=0.5", "trainer.guard_max_dropped_fraction=0.2",
-                                        "trainer.max_steps=3", "trainer.checkpoint_every_n_steps=1")
+                                        "trainer.max_steps=3", "trainer.checkpoint_every_n_steps=1",
+                                        f"data.paths={prepared_news['prefix']}")
     result = run_training(2, overrides)
     assert result.returncode != 0, result.stdout[-3000:]
+    prepared_tokens = prepared_news["stdout"].split(": ")[1].split(" tokens")[0].split(", ")[1]
+    assert f"data: {prepared_tokens} tokens in data.paths={prepared_news['prefix']}" in result.stdout, result.stdout[-3000:]
     records = read_metrics(tmp_path)
     assert [r["step"] for r in records] == [1], "training must stop after the first step over the threshold"
     assert records[0]["dropped_fraction"] > 0.2, records

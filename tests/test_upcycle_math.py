@@ -8,12 +8,18 @@ pytestmark = pytest.mark.multirank
 
 
 def test_granular_experts_reproduce_dense_logits(tiny_dense_ckpt):
-    """G = 2: 16 experts of half width, top-4, virtual-group routers, fc2 x G: exact."""
+    """G = 2: 16 experts of half width, top-4, virtual-group routers, fc2 x G: exact. Under
+    both layer specs' checkpoint names: the MoE built by megatron-core's local spec, and by the
+    same spec without its MoE norm key mapping, which writes the Transformer Engine spec's
+    ``pre_mlp_layernorm.weight``; the dense model's keys are the same under both."""
     results = run_on_ranks("tests.workers.upcycle_checks:dense_vs_upcycled", 4, timeout_s=240,
                            overrides=tiny(tiny_dense_ckpt, "moe.granularity=2", "parallel.tp=2",
                                           "parallel.ep=2", "parallel.sp=true"),
-                           path=str(tiny_dense_ckpt))
-    assert results[0]["max_abs_diff"] <= 1e-4 and results[0]["logit_scale"] > 1.0
+                           path=str(tiny_dense_ckpt), namings=("local", "transformer_engine"))
+    for naming, r in results[0]["by_naming"].items():
+        assert r["keys_naming"] == naming, "megatron-core wrote the other spec's names"
+        assert r["max_abs_diff"] <= 1e-4 and r["logit_scale"] > 1.0, (naming, r)
+    assert results[0]["by_naming"]["transformer_engine"]["dense_keys_alike"]
 
 
 def test_granular_without_scaling_is_off_by_exactly_g(tiny_dense_ckpt):

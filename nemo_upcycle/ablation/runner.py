@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from nemo_upcycle.ablation.grid import GridRun
+from nemo_upcycle.platform.launcher_env import standalone_env
 from nemo_upcycle.util.atomic import write_json_atomic
 from nemo_upcycle.util.ports import free_port
 
@@ -65,8 +66,9 @@ def launch(overrides: list[str], nproc: int, log_path: Path, max_steps: int, tim
 
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            f"--master_port={free_port()}", "--max_restarts=0", "-m", "nemo_upcycle.train", *overrides]
-    env = dict(os.environ, PYTHONWARNINGS=os.environ.get("PYTHONWARNINGS", "ignore"),
-               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    # Each run is a job of its own, also when the grid itself runs inside an sbatch or torchrun job.
+    env = standalone_env(PYTHONWARNINGS=os.environ.get("PYTHONWARNINGS", "ignore"),
+                         OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     with open(log_path, "w") as log:
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()

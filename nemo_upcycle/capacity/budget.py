@@ -16,21 +16,43 @@ class GPU:
     name: str
     bf16_tflops: float
     memory_gib: float
+    # What torch.cuda.get_device_name() reports for this GPU, matched whole (see
+    # gpu_for_device_name); empty where no reported name is known.
+    device_names: tuple[str, ...] = ()
 
 
+# Dense bf16 tensor-core peaks from NVIDIA's product pages, which list them "with sparsity"
+# (twice the dense figure): https://www.nvidia.com/en-us/data-center/h100/ (H100 SXM 1,979,
+# H100 NVL 1,671, H100 PCIe 1,513 TFLOPS), .../data-center/h200/ (1,979), .../data-center/a100/
+# (312 dense, SXM and PCIe alike). The H100 whitepaper lists the SXM5 dense peak as 989.4.
 GPUS = {
     g.name: g
     for g in (
-        GPU("h100", 989.4, 80.0),  # H100 SXM5 80GB
-        GPU("h100_pcie", 756.0, 80.0),
-        GPU("h200", 989.4, 141.0),  # H200 SXM 141GB: H100's compute, more HBM
-        GPU("a100", 312.0, 80.0),  # A100 SXM4 80GB
-        GPU("a100_40gb", 312.0, 40.0),
+        GPU("h100", 989.4, 80.0, ("NVIDIA H100 80GB HBM3",)),  # H100 SXM5 80GB
+        GPU("h100_pcie", 756.0, 80.0, ("NVIDIA H100 PCIe",)),
+        GPU("h100_nvl", 835.0, 94.0, ("NVIDIA H100 NVL",)),
+        GPU("h200", 989.4, 141.0, ("NVIDIA H200",)),  # H200 SXM 141GB: H100's compute, more HBM
+        GPU("a100", 312.0, 80.0, ("NVIDIA A100-SXM4-80GB", "NVIDIA A100 80GB PCIe")),
+        GPU("a100_40gb", 312.0, 40.0, ("NVIDIA A100-SXM4-40GB", "NVIDIA A100-PCIE-40GB")),
         GPU("b200", 2250.0, 180.0),  # DGX B200: 180 GB per GPU
         GPU("gb200", 2500.0, 186.0),
         GPU("l40s", 362.0, 48.0),
     )
 }
+
+
+def gpu_for_device_name(device_name: str) -> Optional[GPU]:
+    """The table's GPU that torch reports as ``device_name``, or None.
+
+    The whole name must match (case and spacing aside): the H100 SXM, PCIe and NVL share the
+    chip's name but not its peak (989.4, 756, 835 TFLOP/s), so a substring such as "H100"
+    would pick one of them by accident. A name not listed gets no peak rather than a guess.
+    """
+    wanted = " ".join(device_name.split()).lower()
+    for gpu in GPUS.values():
+        if wanted in (name.lower() for name in gpu.device_names):
+            return gpu
+    return None
 
 
 def gpu_for(plan: Any) -> GPU:

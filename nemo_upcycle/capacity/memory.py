@@ -32,12 +32,14 @@ ADAM_MOMENT_BYTES = 8  # exp_avg + exp_avg_sq, fp32
 MASTER_BYTES = 4  # fp32 copy of 16-bit weights
 GiB = 1024**3
 
-# megatron-core's recompute choices (TransformerConfig.recompute_granularity / _modules / _method)
+# megatron-core's recompute choices the planner sizes -> the training job's overrides that select
+# them (model/modeling.py recompute_kwargs passes them on as TransformerConfig.recompute_granularity,
+# _modules, _method, _num_layers): the verdict names the override to train with.
 RECOMPUTE = {
-    "none": "no recomputation (recompute_granularity=null)",
-    "selective": "selective, recompute_modules=[core_attn] (megatron-core's default)",
-    "selective_all": "selective, recompute_modules=[core_attn, layernorm, moe_act]",
-    "full": "full, recompute_method=uniform, recompute_num_layers=1",
+    "none": "trainer.recompute=none",
+    "selective": "trainer.recompute=selective",  # recompute_modules=[core_attn], megatron-core's default
+    "selective_all": "trainer.recompute=selective trainer.recompute_modules=[core_attn,layernorm,moe_act]",
+    "full": "trainer.recompute=full",  # recompute_method=uniform, recompute_num_layers=1
 }
 
 
@@ -58,7 +60,7 @@ class Precision:
 
 def precision_for(trainer: Any) -> Precision:
     """The planner plans GPU runs: bf16 unless the trainer asks for fp32 explicitly."""
-    if str(trainer.precision) in ("fp32", "32", "32-true", "float32"):
+    if trainer.precision == "fp32":
         return Precision(param_bytes=4, grad_bytes=4, activation_bytes=4)
     return Precision()
 

@@ -101,6 +101,7 @@ def memory_verdicts(ranks: list[dict], limit: float) -> list[dict]:
             verdicts.append(dict(
                 distributed_optimizer=distributed,
                 recompute=name,
+                override=RECOMPUTE[name],
                 largest_rank_bytes=totals[worst],
                 largest_rank_pp_stage=worst,
                 fits=totals[worst] <= limit,
@@ -245,10 +246,10 @@ def render_table(report: dict) -> str:
     c = mem["configured"]
     if c["any_fits"]:
         add(f"  verdict: FITS with {'the distributed optimizer' if c['distributed_optimizer'] else 'a plain optimizer'}"
-            f" and recompute={c['recompute']}: {_gib(c['largest_rank_bytes'])} of {job['gpu_memory_gib']:.0f} GiB"
+            f" and {c['override']}: {_gib(c['largest_rank_bytes'])} of {job['gpu_memory_gib']:.0f} GiB"
             f" ({_gib(c['margin_bytes'])} spare)")
     else:
-        add(f"  verdict: DOES NOT FIT: even with recompute={c['recompute']} the largest rank needs"
+        add(f"  verdict: DOES NOT FIT: even with {c['override']} the largest rank needs"
             f" {_gib(c['largest_rank_bytes'])}, {_gib(-c['margin_bytes'])} over {job['gpu_memory_gib']:.0f} GiB;"
             " add ranks (pp/ep/tp) or use the distributed optimizer")
     add("")

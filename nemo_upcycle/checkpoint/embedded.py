@@ -2,17 +2,16 @@
 
 The first use imports it (GGUF -> float32 -> torch_dist, plus a safetensors copy and the
 tokenizer) into the cache; later runs reuse the cache. Under torchrun only rank 0
-imports, in a subprocess; the other ranks wait for the finished folder (no collective,
-so a failed import cannot leave them hanging in one).
+imports, in a subprocess that is a job of its own (none of torchrun's or Slurm's variables
+reach it); the other ranks wait for the finished folder (no collective, so a failed import
+cannot leave them hanging in one), each with a deadline.
 """
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
-from nemo_upcycle.util.rank0_builds import build_on_rank0
+from nemo_upcycle.util.rank0_builds import build_on_rank0, run_build_subprocess
 
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_MODELS = ("smollm2_135m",)
@@ -41,21 +40,14 @@ def ensure_embedded(dense_checkpoint: str, cache_dir: str | Path, timeout_s: flo
         )
     paths = embedded_paths(cache_dir, name)
 
+    what = f"the embedded model import ({name})"
+
     def run_import() -> None:
         print(f"importing the embedded {name} into {paths['torch_dist'].parent} (first run only)", flush=True)
-        subprocess.run(
+        run_build_subprocess(
             [sys.executable, "-m", "nemo_upcycle.import_dense", f"source={dense_checkpoint}",
-             f"output_dir={paths['torch_dist']}", f"cache_dir={cache_dir}"],
-            check=True, env={k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS},
-        )
+             f"output_dir={paths['torch_dist']}", f"cache_dir={cache_dir}"], what, timeout_s)
 
     build_on_rank0(lambda: paths["torch_dist"].is_dir() and paths["hf"].is_dir(), run_import,
-                   f"the embedded model import ({name})", timeout_s)
+                   what, timeout_s, where=str(paths["torch_dist"].parent))
     return paths
-
-
-# The import subprocess is a single-rank job of its own.
-_LAUNCHER_VARS = {
-    "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-    "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID", "SLURM_PROCID", "SLURM_NTASKS",
-}

@@ -4,7 +4,8 @@ Streaming: every HF tensor is assembled from its megatron slices, written and dr
 before the next (:mod:`nemo_upcycle.checkpoint.safetensors_writer`); peak memory is one HF
 tensor. The source is anything with the :class:`~nemo_upcycle.upcycle.sources.DenseSource`
 protocol over megatron keys: a ``torch_dist`` checkpoint saved at any layout (global keys,
-stacked or per layer, with or without ``module.``), or an in-memory model
+stacked or per layer, with or without ``module.``, under either layer spec's names:
+:mod:`nemo_upcycle.model.megatron_keys`), or an in-memory model
 (:class:`~nemo_upcycle.checkpoint.model_source.ModelSource`).
 
 The target (Mixtral, Qwen2-MoE, Qwen3-MoE; Llama, Qwen2, Qwen3 for a dense model) is the
@@ -25,15 +26,8 @@ import torch
 from nemo_upcycle.checkpoint.export_targets import ExportError, ExportTarget, choose_target
 from nemo_upcycle.checkpoint.generation_config import stated_token_ids
 from nemo_upcycle.checkpoint.hf_export_config import hf_config
-from nemo_upcycle.checkpoint.hf_llama import (
-    LlamaShape,
-    MegatronNaming,
-    canonical_shapes,
-    hf_shapes,
-    inert_shapes,
-    keyed_shapes,
-    llama_boxes,
-)
+from nemo_upcycle.checkpoint.hf_llama import LlamaShape, canonical_shapes, hf_shapes, inert_shapes, llama_boxes
+from nemo_upcycle.model.megatron_keys import MegatronNaming, is_model_key, keyed_shapes
 from nemo_upcycle.checkpoint.safetensors_writer import ST_DTYPE_NAMES, write_shards
 from nemo_upcycle.checkpoint.tokenizer_files import tokenizer_files
 from nemo_upcycle.upcycle.sources import SliceRequest
@@ -81,13 +75,17 @@ def slices_by_hf_tensor(boxes: list, naming: MegatronNaming) -> dict[str, list]:
 
 def check_source_matches(have: dict[str, tuple], cfg: Any, boxes: list, shapes: dict[str, tuple],
                          naming: MegatronNaming) -> None:
-    """Every megatron tensor the HF folder is assembled from exists with the shape the config implies."""
+    """Every megatron tensor the HF folder is assembled from exists with the shape the config implies,
+    and the checkpoint holds no model weight beyond them (one the export would silently drop)."""
     problems = []
-    for key, want in keyed_shapes(canonical_shapes(boxes, shapes), naming).items():
+    wanted = keyed_shapes(canonical_shapes(boxes, shapes), naming)
+    for key, want in wanted.items():
         if key not in have:
             problems.append(f"the checkpoint has no tensor {key!r}")
         elif tuple(have[key]) != tuple(want):
             problems.append(f"{key} has shape {list(have[key])} in the checkpoint, the config implies {list(want)}")
+    problems += [f"the checkpoint holds {key!r}, which the config has no tensor for"
+                 for key in sorted(have) if is_model_key(key) and key not in wanted]
     if problems:
         uniq = list(dict.fromkeys(problems))
         raise ExportError(

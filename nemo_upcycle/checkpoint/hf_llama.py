@@ -13,43 +13,35 @@ always over all columns. The fused layouts of megatron-core are boxes too:
 * ``linear_fc1`` of a SwiGLU MLP (dense or expert): ``[gate; up]``.
 
 Megatron tensors are named canonically as (layer or None, name within the layer, expert
-or None); :func:`parse_megatron_key` and :class:`MegatronNaming` turn checkpoint keys
-(stacked ``decoder.layers.<name>`` with a leading layer axis, or per layer
-``decoder.layers.<i>.<name>``, with or without NeMo 2's ``module.`` prefix) into that form.
+or None); :mod:`nemo_upcycle.model.megatron_keys` (the one home of megatron-core's key
+naming: both layer specs, stacked or per-layer keys, NeMo 2's ``module.`` prefix) turns
+checkpoint keys into that form and back.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Optional
 
 from nemo_upcycle.checkpoint.hf_moe_layouts import layout
-
-
-# Canonical megatron names within a layer.
-ATTN_NORM = "self_attention.linear_qkv.layer_norm_weight"
-QKV = "self_attention.linear_qkv.weight"
-QKV_BIAS = "self_attention.linear_qkv.bias"  # Qwen2
-Q_NORM = "self_attention.q_layernorm.weight"  # Qwen3: per-head RMSNorm, applied before RoPE
-K_NORM = "self_attention.k_layernorm.weight"
-PROJ = "self_attention.linear_proj.weight"
-MLP_NORM = "mlp.linear_fc1.layer_norm_weight"
-FC1 = "mlp.linear_fc1.weight"
-FC2 = "mlp.linear_fc2.weight"
-ROUTER = "mlp.router.weight"
-ROUTER_BIAS = "mlp.router.expert_bias"  # router=aux_free: added to the scores for the choice only
-EXPERT_FC1 = "mlp.experts.experts.linear_fc1.weight"
-EXPERT_FC2 = "mlp.experts.experts.linear_fc2.weight"
-EXPERT_NAMES = (EXPERT_FC1, EXPERT_FC2)
-# Outside the layers.
-EMBEDDING = "embedding.word_embeddings.weight"
-FINAL_NORM = "decoder.final_layernorm.weight"
-OUTPUT = "output_layer.weight"
-
-Canonical = tuple  # (layer: Optional[int], name: str, expert: Optional[int])
-
-_PER_LAYER = re.compile(r"^(module\.)?decoder\.layers\.(\d+)\.(.+)$")
-_STACKED = re.compile(r"^(module\.)?decoder\.layers\.(.+)$")
+from nemo_upcycle.model.megatron_keys import (
+    ATTN_NORM,
+    Canonical,
+    EMBEDDING,
+    EXPERT_FC1,
+    EXPERT_FC2,
+    FC1,
+    FC2,
+    FINAL_NORM,
+    K_NORM,
+    MLP_NORM,
+    OUTPUT,
+    PROJ,
+    Q_NORM,
+    QKV,
+    QKV_BIAS,
+    ROUTER,
+    ROUTER_BIAS,
+)
 
 
 @dataclass
@@ -208,81 +200,3 @@ def canonical_shapes(boxes: list[Box], hf: dict[str, tuple[int, ...]]) -> dict[C
         have = out.get(b.target)
         out[b.target] = (max(rows, have[0]) if have else rows,) + rest
     return out
-
-
-def keyed_shapes(canonical: dict[Canonical, tuple[int, ...]], naming: "MegatronNaming") -> dict[str, tuple[int, ...]]:
-    """Global shapes of the checkpoint keys holding the canonical tensors under ``naming``."""
-    out: dict[str, tuple[int, ...]] = {}
-    lead_max: dict[str, list[int]] = {}
-    for (layer, name, expert), shape in canonical.items():
-        key, lead = naming.key(layer, name, expert)
-        have = lead_max.setdefault(key, [0] * len(lead))
-        for i, v in enumerate(lead):
-            have[i] = max(have[i], v + 1)
-        out[key] = shape
-    return {key: tuple(lead_max[key]) + tuple(shape) for key, shape in out.items()}
-
-
-@dataclass(frozen=True)
-class MegatronNaming:
-    """How a checkpoint names canonical tensors: stacked layers or one key per layer.
-
-    The one place that spells megatron keys; ``upcycle.dense_keys.DenseKeyResolver`` uses it
-    to look keys up in a dense checkpoint, tensor by tensor.
-    """
-
-    stacked: bool = True
-    prefix: str = ""
-
-    def key(self, layer: Optional[int], name: str, expert: Optional[int]) -> tuple[str, tuple[int, ...]]:
-        """(checkpoint key, leading offsets) of canonical tensor (layer, name, expert)."""
-        if layer is None:
-            return self.prefix + name, ()
-        lead = (expert,) if expert is not None else ()
-        if self.stacked:
-            return f"{self.prefix}decoder.layers.{name}", (layer,) + lead
-        return f"{self.prefix}decoder.layers.{layer}.{name}", lead
-
-    @classmethod
-    def of_keys(cls, keys) -> "MegatronNaming":
-        keys = list(keys)
-        prefix = "module." if any(k.startswith("module.") for k in keys) else ""
-        per_layer = any(_PER_LAYER.match(k) for k in keys)
-        return cls(stacked=not per_layer, prefix=prefix)
-
-
-def parse_megatron_key(key: str) -> tuple[str, bool, int]:
-    """(canonical name, whether dim 0 is a stacked layer axis, per-layer index or -1).
-
-    Expert tensors have an expert axis after the layer axis (stacked) or first (per layer).
-    """
-    m = _PER_LAYER.match(key)
-    if m:
-        return m.group(3), False, int(m.group(2))
-    m = _STACKED.match(key)
-    if m and m.group(2) != "final_layernorm.weight":
-        return m.group(2), True, -1
-    return key[len("module."):] if key.startswith("module.") else key, False, -1
-
-
-def split_request(key: str, offsets: tuple[int, ...], shape: tuple[int, ...]) -> Iterator[tuple[Canonical, tuple, tuple, tuple]]:
-    """Split a request on a checkpoint key into requests on canonical tensors.
-
-    Yields (canonical, index into the request's target for the leading axes, offsets
-    within the canonical tensor, shape within the canonical tensor).
-    """
-    name, stacked, layer = parse_megatron_key(key)
-    if layer < 0 and not stacked:
-        yield (None, name, None), (), tuple(offsets), tuple(shape)
-        return
-    n_lead = (1 if stacked else 0) + (1 if name in EXPERT_NAMES else 0)
-    lead_off, lead_len = offsets[:n_lead], shape[:n_lead]
-    ranges = [range(o, o + n) for o, n in zip(lead_off, lead_len)]
-    import itertools
-
-    for combo in itertools.product(*ranges):
-        idx = tuple(c - o for c, o in zip(combo, lead_off))
-        rest = list(combo)
-        lay = rest.pop(0) if stacked else layer
-        expert = rest.pop(0) if name in EXPERT_NAMES else None
-        yield (lay, name, expert), idx, tuple(offsets[n_lead:]), tuple(shape[n_lead:])

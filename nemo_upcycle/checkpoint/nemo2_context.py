@@ -139,6 +139,14 @@ def stored_job(root: Path) -> Optional[dict]:
     return job if isinstance(job, dict) else None
 
 
+def stored_layer_naming(root: Path) -> Optional[str]:
+    """The layer spec's checkpoint naming the training job recorded in ``root/context``
+    (``UpcycleGPTConfig.layer_naming``; nemo_upcycle.model.megatron_keys), or None."""
+    config = model_config(Path(root) / "context")
+    naming = config.get("layer_naming") if config else None
+    return naming if isinstance(naming, str) else None
+
+
 def context_tokenizer(root: Path) -> Optional[Path]:
     """The tokenizer folder NeMo copied into ``root/context`` (None when there is none).
 

@@ -27,18 +27,10 @@ from typing import Optional
 
 import torch
 
-from nemo_upcycle.checkpoint.hf_llama import (
-    Box,
-    Canonical,
-    LlamaShape,
-    MegatronNaming,
-    canonical_shapes,
-    hf_shapes,
-    keyed_shapes,
-    llama_boxes,
-    split_request,
-)
+from nemo_upcycle.checkpoint.hf_llama import Box, LlamaShape, canonical_shapes, hf_shapes, llama_boxes
+from nemo_upcycle.model.megatron_keys import Canonical, MegatronNaming, keyed_shapes, split_request
 from nemo_upcycle.errors import UserError
+from nemo_upcycle.platform.device import host_buffer, host_bytes
 from nemo_upcycle.upcycle.sources import ReadStats, SliceRequest
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -184,8 +176,12 @@ class MappedHFSource:
     def __init__(self, path: Path, shape: LlamaShape, hf_tensor_shapes: dict, naming: Optional[MegatronNaming] = None):
         self.path = Path(path)
         self.shape = shape
-        # Dense: stacked layers (like a megatron dense checkpoint); MoE: one key per layer.
-        self.naming = naming or MegatronNaming(stacked=self.shape.num_experts == 0)
+        from nemo_upcycle.model.modeling import built_layer_naming
+
+        # The keys of the model this process builds (nemo_upcycle.model.modeling): a dense model
+        # stacked, an MoE one per layer, its MoE norms in the layer spec's naming.
+        self.naming = naming or MegatronNaming.for_model(built_layer_naming(), self.shape.num_experts,
+                                                         self.shape.moe_layers)
         self.boxes = llama_boxes(self.shape)
         self._by_target: dict[Canonical, list[Box]] = defaultdict(list)
         for b in self.boxes:
@@ -281,13 +277,13 @@ class SafetensorsSource(MappedHFSource):
         def fetch(hf_name: str, rows: tuple[int, int], cols: Optional[slice]) -> torch.Tensor:
             _, shape, dtype = self.folder.tensors[hf_name]
             if cols is None or (cols.start == 0 and cols.stop == shape[1]):
-                out = torch.empty((rows[1] - rows[0],) + tuple(shape[1:]), dtype=dtype)
+                out = host_buffer((rows[1] - rows[0],) + tuple(shape[1:]), dtype)
                 row_bytes = out[0].numel() * out.element_size() if out.shape[0] else 0
                 if "file" not in handles:
                     handles["file"] = open(path, "rb")
                 f = handles["file"]
                 f.seek(self.folder.file_offsets[hf_name] + rows[0] * row_bytes)
-                buf = memoryview(out.view(-1).view(torch.uint8).numpy())
+                buf = host_bytes(out)
                 if f.readinto(buf) != len(buf):
                     raise HFFormatError(f"{path} is truncated in tensor {hf_name}")
                 return out

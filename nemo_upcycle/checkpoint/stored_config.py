@@ -60,6 +60,8 @@ def conflicts(cfg: Any, job: dict, overrides: Sequence[str]) -> list[str]:
             continue
         path = f"{section}.{STATED[section]}" if key == section else key
         given, trained = _select(cfg, path), _select(job, path)
+        if key == section and given is None:  # model=auto states nothing: the checkpoint says what it is
+            continue
         if given != trained:
             problems.append(f"{key}: the command line gives {path}={given!r}, the checkpoint was trained "
                             f"with {path}={trained!r}")

@@ -29,11 +29,14 @@ def reference_folder(source) -> Optional[Path]:
 
 
 def vocab_slice_logits(folder: Path, tokens: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
-    """transformers' fp32 logits for ``tokens``, the vocabulary part this TP rank holds."""
+    """transformers' fp32 logits for ``tokens``, the vocabulary part this TP rank holds, on the
+    compute device (where megatron-core's logits are)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    from nemo_upcycle.platform.device import compute_device, to_compute
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval().to(compute_device())
     with torch.no_grad():
-        logits = model(tokens).logits
+        logits = model(to_compute(tokens)).logits
     part = logits.shape[-1] // tp_size
     return logits[..., tp_rank * part:(tp_rank + 1) * part]

@@ -48,17 +48,27 @@ def user_errors(every_rank: bool = False) -> Iterator[None]:
     try:
         yield
     except UserError as err:
-        if every_rank or is_rank0() or isinstance(err, ConfigError):
+        if every_rank or err.every_rank or is_rank0() or isinstance(err, ConfigError):
             print(f"error: {err}", file=sys.stderr, flush=True)
         fail(err.exit_code)
 
 
 @contextlib.contextmanager
 def validated(cfg, world_size: int, command: str = "train") -> Iterator[None]:
-    """Read the dense model's architecture and validate ``cfg`` for ``command`` before the body runs."""
+    """Read the dense model's architecture and validate ``cfg`` for ``command`` before the body runs.
+
+    A training relaunch whose log_dir holds a checkpoint takes the architecture from that
+    checkpoint instead: after the first save the dense checkpoint is not needed any more.
+    """
     from nemo_upcycle.config.validate import validate
 
     with user_errors():
-        resolve_dense_model(cfg)
+        if command == "train":
+            from nemo_upcycle.training.job import adopt_checkpoint_to_resume
+
+            if adopt_checkpoint_to_resume(cfg) is None:
+                resolve_dense_model(cfg)
+        else:
+            resolve_dense_model(cfg)
         validate(cfg, world_size, command)
         yield

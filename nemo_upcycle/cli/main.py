@@ -16,6 +16,7 @@ COMMANDS = {
     "evaluate": "MMLU and held-out perplexity of a model, a checkpoint or a Hugging Face folder",
     "export_hf": "write a Hugging Face folder (Mixtral) that transformers loads",
     "import_dense": "import an HF folder or GGUF file into a megatron-core checkpoint",
+    "prepare_data": "tokenize JSONL text into .bin/.idx ahead of training (data.paths=<prefix>)",
     "ablate": "the paper's ablation grid: short runs, evaluated, tabulated and plotted",
 }
 

@@ -8,7 +8,7 @@ fields live in :mod:`nemo_upcycle.config.validate`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -127,8 +127,19 @@ class TrainerConfig:
     # 0 = save no checkpoint at all (short throwaway runs such as the ablation grid's: nothing
     # to resume from, and no disk spent on Adam states).
     checkpoint_every_n_steps: int = 20
+    # auto (bf16 on a GPU, fp32 on CPU), bf16 or fp32: the parameters' dtype; the optimizer's
+    # mixed-precision settings follow it (model/modeling.py params_dtype_for).
     precision: str = "auto"
     distributed_optimizer: bool = False
+    # Activation recomputation (megatron-core's recompute_granularity): none; selective (the
+    # recompute_modules of every layer are recomputed in the backward pass; megatron-core's
+    # default [core_attn]); full (whole layers keep only their input: recompute_method uniform
+    # = groups of recompute_num_layers layers, block = the first recompute_num_layers layers of
+    # each pipeline chunk). `nemo-upcycle plan` names the one that fits (config/checks/trainer.py).
+    recompute: str = "none"
+    recompute_modules: List[str] = field(default_factory=lambda: ["core_attn"])
+    recompute_method: str = "uniform"
+    recompute_num_layers: int = 1
     peak_tflops: Optional[float] = None
     # Guard rails (nemo_upcycle/training/guards.py): stop training, with the step and each MoE
     # layer's router statistics, when any layer drops more than this fraction of its tokens
@@ -139,13 +150,38 @@ class TrainerConfig:
 
 
 @dataclass
+class LoggerConfig:
+    """Loggers beside TensorBoard and metrics.jsonl (always written to log_dir)."""
+
+    # Weights & Biases through NeMo's logger (Lightning's WandbLogger); its run files go to
+    # ${log_dir}/wandb. Offline runs (WANDB_MODE=offline) upload later with `wandb sync`.
+    wandb: bool = False
+    wandb_project: str = "nemo-upcycle"
+    # The run's name (null: the log_dir's folder name).
+    wandb_name: Optional[str] = None
+    wandb_entity: Optional[str] = None
+
+
+@dataclass
 class DataConfig:
     name: str = "wiki_sample"
     # "embedded:gensim_wiki" or a list of megatron .bin/.idx prefixes (optionally weighted)
     paths: Any = "embedded:gensim_wiki"
-    jsonl: Optional[str] = None
+    # JSONL text, tokenized on rank 0 into the cache (keyed by the files' content and the
+    # tokenizer): a file, a glob ('corpus/*.jsonl') or a list of either. Large corpora:
+    # `nemo-upcycle prepare_data` ahead of the job, then data.paths=<its prefix>.
+    jsonl: Any = None
+    # The JSON field holding each document's text.
+    text_field: str = "text"
     split: str = "98,2,0"
     cache_dir: Optional[str] = None
+    # Processes that tokenize JSONL (null: this machine's CPUs, at most 16).
+    workers: Optional[int] = None
+    # A run that would read its data more than 4 times (nemo_upcycle/data/epochs.py) is
+    # refused unless this is true.
+    allow_repeats: bool = False
+    # prepare_data only: writes <output_prefix>_<text_field>_document.bin/.idx.
+    output_prefix: Optional[str] = None
 
 
 @dataclass
@@ -190,6 +226,7 @@ class UpcycleJobConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 1234
     log_dir: str = "runs/default"
     # false: the console shows the project's messages (rank 0) and errors; library INFO and

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from nemo_upcycle.config.checks.data import data_problems
 from nemo_upcycle.config.checks.evaluation import evaluation_problems
 from nemo_upcycle.config.checks.moe import moe_problems
 from nemo_upcycle.config.checks.parallel import (
@@ -22,7 +23,8 @@ from nemo_upcycle.config.checks.parallel import (
 )
 from nemo_upcycle.config.checks.router import router_problems
 from nemo_upcycle.config.checks.sequence import context_parallel_problems, sequence_length_problems
-from nemo_upcycle.config.checks.trainer import checkpoint_problems, guard_problems
+from nemo_upcycle.config.checks.trainer import (checkpoint_problems, guard_problems, precision_problems,
+                                                 recompute_problems)
 from nemo_upcycle.errors import UserError
 
 
@@ -44,9 +46,12 @@ CHECKS = (
     moe_problems,
     router_problems,
     dense_layout_problems,
+    precision_problems,
+    recompute_problems,
     checkpoint_problems,
     guard_problems,
     evaluation_problems,
+    data_problems,
 )
 # Checks that depend on what the command does with the model (see checks/sequence.py).
 COMMAND_CHECKS = (context_parallel_problems, sequence_length_problems)

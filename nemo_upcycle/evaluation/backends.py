@@ -5,7 +5,7 @@ Both implement :class:`nemo_upcycle.evaluation.scoring.Backend`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -49,14 +49,18 @@ class MegatronBackend:
         import torch.distributed as dist
         from megatron.core import parallel_state
 
+        from nemo_upcycle.platform.device import collective_device, to_host
+
         sequences = list(sequences)
         if self.pp > 1 and len(sequences) % self.pp:
             # Interleaved schedules want whole rounds of micro-batches: add 1-token fillers.
             sequences += [[0]] * (self.pp - len(sequences) % self.pp)
         tokens, _ = pad_right(sequences, self.multiple)
-        logits = self._logits(tokens)
-        out = torch.zeros(token_ids.shape, dtype=torch.float64)
+        logits = self._logits(tokens)  # on the compute device, as megatron's collectives want them
+        pipeline = parallel_state.get_pipeline_model_parallel_group()
+        out = torch.zeros(token_ids.shape, dtype=torch.float64, device=collective_device(pipeline))
         if logits is not None:
+            rows = rows.to(logits.device)
             local = logits[rows[:, 0], rows[:, 1]].contiguous()  # (N, vocab / tp)
             del logits
             if self.tp > 1:
@@ -66,12 +70,8 @@ class MegatronBackend:
                 local = torch.cat(shards, dim=-1)
             out = pick_logprobs(local[:, : self.vocab_size], token_ids)
         if self.pp > 1:
-            dist.broadcast(
-                out,
-                src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                group=parallel_state.get_pipeline_model_parallel_group(),
-            )
-        return out
+            dist.broadcast(out, src=parallel_state.get_pipeline_model_parallel_last_rank(), group=pipeline)
+        return to_host(out)  # the scores leave the model: read one by one on the host
 
 
 class HFBackend:
@@ -83,13 +83,19 @@ class HFBackend:
         folder = Path(folder)
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"eval.hf_model={folder} is not a Hugging Face model folder (no config.json)")
-        self.model = AutoModelForCausalLM.from_pretrained(str(folder), torch_dtype=dtype)
+        from nemo_upcycle.platform.device import compute_device
+
+        self.model = AutoModelForCausalLM.from_pretrained(str(folder), torch_dtype=dtype).to(compute_device())
         self.model.eval()
         self.max_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.vocab_size = int(self.model.config.vocab_size)
 
     def selected_logprobs(self, sequences: Sequence[Sequence[int]], rows: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        from nemo_upcycle.platform.device import to_host
+
         tokens, mask = pad_right(sequences)
+        device = self.model.device
+        tokens, mask, rows = tokens.to(device), mask.to(device), rows.to(device)
         with torch.no_grad():
             decoder = self.model.get_decoder() if hasattr(self.model, "get_decoder") else None
             head = self.model.get_output_embeddings()
@@ -100,31 +106,7 @@ class HFBackend:
             else:
                 logits = self.model(input_ids=tokens, attention_mask=mask, use_cache=False).logits
                 logits = logits[rows[:, 0], rows[:, 1]]
-        return pick_logprobs(logits, token_ids)
-
-
-def checkpoint_key_prefix(keys: Sequence[str], anchor: str = "decoder.final_layernorm.weight") -> str:
-    """The prefix the checkpoint puts before megatron's names ('' for megatron, 'module.' for NeMo 2)."""
-    for key in sorted(keys, key=len):
-        if key.endswith(anchor):
-            return key[: -len(anchor)]
-    for key in sorted(keys, key=len):
-        if key.endswith("embedding.word_embeddings.weight"):
-            return key[: -len("embedding.word_embeddings.weight")]
-    raise UpcycleError(f"the checkpoint holds no {anchor} (keys: {sorted(keys)[:5]} ...): not a GPT model")
-
-
-def prefix_sharded_keys(sharded_state: Any, prefix: str) -> Any:
-    """Prepend ``prefix`` to the checkpoint key of every sharded item (in place)."""
-    if not prefix:
-        return sharded_state
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
-
-    for value in nested_values(sharded_state):
-        if isinstance(value, (ShardedTensor, ShardedObject, ShardedTensorFactory)):
-            value.key = prefix + value.key
-    return sharded_state
+        return to_host(pick_logprobs(logits, token_ids))
 
 
 def chunks_sharded_state(chunks: list) -> dict:
@@ -134,20 +116,28 @@ def chunks_sharded_state(chunks: list) -> dict:
 
 
 def load_checkpoint(chunks: list, path: str | Path) -> str:
-    """Load a torch_dist / NeMo 2 checkpoint into this rank's chunks; returns the key prefix used."""
+    """Load a torch_dist / NeMo 2 checkpoint into this rank's chunks; returns the key prefix it uses.
+
+    Its keys are mapped to the model's (either layer spec's names, ``module.`` or not) and
+    every model weight must be there, none left over (nemo_upcycle.checkpoint.strict_load).
+    """
     from megatron.core import dist_checkpointing
 
+    from nemo_upcycle.checkpoint.strict_load import map_names_and_check
+    from nemo_upcycle.model.megatron_keys import key_prefix
     from nemo_upcycle.upcycle.sources import CheckpointFormatError, TorchDistCheckpoint
 
     try:
         checkpoint = TorchDistCheckpoint(path)  # the folder itself, or a NeMo 2 checkpoint's weights/
     except CheckpointFormatError as err:
         raise UpcycleError(f"eval.checkpoint={path}: {err}") from None
-    prefix = checkpoint_key_prefix(list(checkpoint.tensor_shapes()))
-    state = prefix_sharded_keys(chunks_sharded_state(chunks), prefix)
+    state = chunks_sharded_state(chunks)
+    map_names_and_check(state, state, checkpoint.path, f"eval.checkpoint={path}",
+                        "Evaluate it with the model/moe/router settings it was saved with (a checkpoint of the "
+                        "training job brings its own: name it or its log_dir alone).")
     try:
         loaded = dist_checkpointing.load(state, str(checkpoint.path))
-    except Exception as err:  # megatron reports missing/mismatched keys as various errors
+    except Exception as err:  # megatron reports mismatched shapes as various errors
         raise UpcycleError(
             f"cannot load eval.checkpoint={path} into the model the config describes "
             f"(model/moe/parallel settings must match the saved model): {err}"
@@ -160,4 +150,4 @@ def load_checkpoint(chunks: list, path: str | Path) -> str:
     else:
         for i, chunk in enumerate(chunks):
             chunk.load_state_dict(loaded[f"chunk{i}"])
-    return prefix
+    return key_prefix(checkpoint.tensor_shapes())

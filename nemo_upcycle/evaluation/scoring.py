@@ -38,8 +38,10 @@ class Backend(Protocol):
 
 
 def pick_logprobs(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-    """log_softmax(logits)[n, token_ids[n, k]] as float64, in slices to bound memory."""
-    out = torch.empty(token_ids.shape, dtype=torch.float64)
+    """log_softmax(logits)[n, token_ids[n, k]] as float64, in slices to bound memory, on the
+    logits' device."""
+    token_ids = token_ids.to(logits.device)
+    out = torch.empty(token_ids.shape, dtype=torch.float64, device=logits.device)
     for start in range(0, logits.shape[0], LOG_SOFTMAX_ROWS):
         stop = start + LOG_SOFTMAX_ROWS
         block = torch.log_softmax(logits[start:stop].float(), dim=-1)

@@ -75,7 +75,8 @@ class RouterStatsCollector:
             stats = self.layers.get(layer)
             if stats is None:
                 stats = self.layers[layer] = LayerRouterStats(
-                    assignments=torch.zeros(routing_map.shape[-1], dtype=torch.float64),
+                    # On the routing map's device: one add per forward, no copy to the host.
+                    assignments=torch.zeros(routing_map.shape[-1], dtype=torch.float64, device=routing_map.device),
                     topk=router.topk,
                 )
             stats.tokens += float(routing_map.shape[0])
@@ -92,9 +93,12 @@ class RouterStatsCollector:
         """
         import torch.distributed as dist
 
+        from nemo_upcycle.platform.device import collective_device
+
         if not dist.is_initialized():
             return
-        packed = torch.zeros(num_layers, num_experts + 2, dtype=torch.float64)
+        # The group's device (the training job reduces over a gloo group: the host, also on a GPU).
+        packed = torch.zeros(num_layers, num_experts + 2, dtype=torch.float64, device=collective_device(group))
         for layer, s in self.layers.items():
             packed[layer, :num_experts] = s.assignments
             packed[layer, num_experts] = s.tokens

@@ -43,7 +43,12 @@ def run_schedule(
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from nemo_upcycle.platform.device import to_compute
+
     assert tokens.shape[0] % micro_batch_size == 0
+    # Token batches are made on the host (tokenizer, padding); the embedding is on the compute device.
+    tokens = to_compute(tokens)
+    labels = None if labels is None else to_compute(labels)
     num_microbatches = tokens.shape[0] // micro_batch_size
     want_logits = labels is None
     vpp = len(chunks)

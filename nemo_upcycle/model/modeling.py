@@ -6,6 +6,7 @@ and the MoE model, so the two differ only where the upcycling says they should.
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Optional
 
 import torch
@@ -34,6 +35,18 @@ def default_params_dtype() -> torch.dtype:
     return torch.bfloat16 if gpu_available() else torch.float32
 
 
+def params_dtype_for(cfg: Any) -> torch.dtype:
+    """The parameters' dtype ``trainer.precision`` asks for (a closed choice, checked with the
+    configuration: config/checks/trainer.py); ``auto`` = bf16 on a GPU, fp32 on CPU. The
+    model is built in it and the optimizer's mixed-precision settings (fp32 master weights,
+    fp32 gradient reduction) follow it (training/job.py), so no spelling of the precision can
+    give Adam bf16 states over bf16 weights."""
+    from nemo_upcycle.config.checks.trainer import PARAMS_DTYPE_NAMES
+
+    precision = cfg.trainer.precision
+    return default_params_dtype() if precision == "auto" else getattr(torch, PARAMS_DTYPE_NAMES[precision])
+
+
 def is_moe(cfg: Any) -> bool:
     return cfg.moe.num_experts > 0
 
@@ -49,7 +62,7 @@ def transformer_config_kwargs(
     caller (NeMo's config names it itself).
     """
     model, moe, par = cfg.model, cfg.moe, cfg.parallel
-    params_dtype = params_dtype or default_params_dtype()
+    params_dtype = params_dtype or params_dtype_for(cfg)
     on_gpu = gpu_available()
     fused = fused_paths_for_this_machine().model_kwargs()
     moe_only = ("moe_permute_fusion", "moe_grouped_gemm")
@@ -83,6 +96,7 @@ def transformer_config_kwargs(
         sequence_parallel=par.sp,
         **interleaved_pipeline_p2p(par, on_gpu),
         init_method_std=0.02,
+        **recompute_kwargs(cfg.trainer),
         **{name: on for name, on in fused.items() if name not in moe_only},
     )
     if is_moe(cfg):
@@ -103,6 +117,17 @@ def transformer_config_kwargs(
         )
     kwargs.update(overrides)
     return kwargs
+
+
+def recompute_kwargs(trainer: Any) -> dict:
+    """megatron-core's activation recomputation fields for ``trainer.recompute`` (checked in
+    config/checks/trainer.py): only in training, megatron-core never recomputes without grad."""
+    if trainer.recompute == "selective":
+        return dict(recompute_granularity="selective", recompute_modules=list(trainer.recompute_modules))
+    if trainer.recompute == "full":
+        return dict(recompute_granularity="full", recompute_method=trainer.recompute_method,
+                    recompute_num_layers=trainer.recompute_num_layers)
+    return {}
 
 
 def interleaved_pipeline_p2p(par: Any, on_gpu: bool) -> dict:
@@ -138,16 +163,57 @@ def build_transformer_config(cfg: Any, params_dtype: Optional[torch.dtype] = Non
     return TransformerConfig(**transformer_config_kwargs(cfg, params_dtype, **{**direct, **overrides}))
 
 
+# Where Transformer Engine is missing (CPU, the tests), this environment variable set to
+# "transformer_engine" builds the local spec with the TE spec's checkpoint names (see
+# local_spec_with_te_names): how the tests produce and read TE-named checkpoints without TE.
+# An environment variable, not a configuration key: it reaches every torchrun worker, and
+# it is no choice a user makes (with TE importable the TE spec is used whatever it says).
+LAYER_NAMES_ENV = "NEMO_UPCYCLE_LAYER_NAMES"
+
+
+def built_layer_naming() -> str:
+    """The checkpoint naming of the models this process builds (nemo_upcycle.model.megatron_keys)."""
+    from nemo_upcycle.model.megatron_keys import LOCAL_NAMES, TE_NAMES, check_layer_naming
+
+    if transformer_engine_available():
+        return TE_NAMES
+    return check_layer_naming(os.environ.get(LAYER_NAMES_ENV) or LOCAL_NAMES, LAYER_NAMES_ENV)
+
+
 def layer_spec(config, vp_stage: Optional[int] = None):
     """Decoder block spec: Transformer Engine when present, megatron-core local otherwise."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
-    return get_gpt_decoder_block_spec(
-        config,
-        use_transformer_engine=transformer_engine_available(),
-        normalization="RMSNorm",
-        vp_stage=vp_stage,
-    )
+    from nemo_upcycle.model.megatron_keys import TE_NAMES
+
+    te = transformer_engine_available()
+    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=te, normalization="RMSNorm", vp_stage=vp_stage)
+    if not te and built_layer_naming() == TE_NAMES:
+        spec = local_spec_with_te_names(spec)
+    return spec
+
+
+def local_spec_with_te_names(block_spec):
+    """The local block spec whose MoE layers save ``pre_mlp_layernorm`` under its own name.
+
+    megatron-core's ``TransformerLayer.sharded_state_dict`` applies the layer spec's
+    ``sharded_state_dict_keys_map``; without the local spec's ``pre_mlp_layernorm.`` entry an
+    MoE layer's norm is saved as ``pre_mlp_layernorm.weight``, exactly as the TE spec saves it
+    (the other keys are named alike by both specs). megatron-core writes the names, not us.
+    """
+    from dataclasses import replace
+
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    from nemo_upcycle.model.megatron_keys import MOE_NORM_MODULE
+
+    layers = []
+    for layer in block_spec.layer_specs:
+        if layer.submodules.mlp.module is MoELayer:
+            keys_map = {k: v for k, v in layer.submodules.sharded_state_dict_keys_map.items() if k != MOE_NORM_MODULE}
+            layer = replace(layer, submodules=replace(layer.submodules, sharded_state_dict_keys_map=keys_map))
+        layers.append(layer)
+    return replace(block_spec, layer_specs=layers)
 
 
 def build_model_chunks(cfg: Any, config=None) -> list:

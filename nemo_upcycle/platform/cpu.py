@@ -6,7 +6,9 @@ and does nothing when a GPU is present, so GPU behaviour is never changed. Each 
 is one CUDA dependency observed in megatron-core (see README, "megatron-core on CPU"):
 
 1. ``torch.cuda.current_device()`` used as a device      -> returns ``"cpu"``
-2. the model-parallel RNG tracker (CUDA generator states) -> a tracker over the CPU generator
+2. the model-parallel RNG tracker (CUDA generator states) -> a tracker over the CPU generator;
+   activation recomputation's save/restore of the CUDA     -> nothing to save
+   generator state; its FP8 test that always holds        -> bool(fp8)
 3. ``torch.cuda.Stream``/events in the alltoall dispatcher -> no-op stream objects
 4. ``moe_utils.te_general_gemm`` undefined without TE      -> defined as ``None``
 5. dispatcher split sizes only converted for CUDA tensors -> converted for CPU tensors too
@@ -152,6 +154,21 @@ def _patch_rng_tracker() -> None:
     # Trackers created before this call (none in a fresh process) are replaced too.
     mp_random._CUDA_RNG_STATE_TRACKER = None
     mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = False
+    # Activation recomputation (trainer.recompute: tensor_parallel.checkpoint) saves the CPU
+    # generator, the CUDA generator and the tracker before the forward and restores them before
+    # recomputing it: on the CPU there is no CUDA generator to save, the other two suffice.
+    mp_random._get_cuda_rng_state = lambda *args, **kwargs: None
+    mp_random._set_cuda_rng_state = lambda *args, **kwargs: None
+    # megatron-core 0.15.3's CheckpointWithoutOutput (selective recomputation of layernorm and
+    # moe_act) sets ``self.fp8 = fp8 is not None``, True for its default fp8=False, so it always
+    # takes Transformer Engine's FP8 path: a NameError without TE. What it means is bool(fp8).
+    checkpoint_init = mp_random.CheckpointWithoutOutput.__init__
+
+    def without_te_fp8(self, fp8=False):
+        checkpoint_init(self, fp8)
+        self.fp8 = bool(fp8)
+
+    mp_random.CheckpointWithoutOutput.__init__ = without_te_fp8
 
 
 # 4, 5: MoE utilities -------------------------------------------------------------------

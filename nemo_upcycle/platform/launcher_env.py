@@ -96,6 +96,10 @@ def read_launch_env(env: Optional[Mapping[str, str]] = None) -> LaunchEnv:
 
 def export_torch_env(launch: LaunchEnv) -> None:
     """Write the variables torch.distributed's env:// and NeMo/Lightning read."""
+    if launch.launcher != "torchrun":
+        # torchrun's agent serves this store to its own workers only; a process that is not
+        # one of them (its parent was) would wait as a client on a port nobody serves.
+        os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)
     os.environ.update(
         RANK=str(launch.rank),
         WORLD_SIZE=str(launch.world_size),
@@ -103,6 +107,36 @@ def export_torch_env(launch: LaunchEnv) -> None:
         MASTER_ADDR=launch.master_addr,
         MASTER_PORT=str(launch.master_port),
     )
+
+
+# What a launcher tells its processes about the job they belong to: who they are (a rank or
+# world size of any scope) and where the rendezvous is. Matched by prefix, so that a variable
+# this list never named is dropped too: a child started with torchrun's
+# TORCHELASTIC_USE_AGENT_STORE=True connected as a store *client* to a port no server
+# would ever open and waited forever (issue 26). TORCHELASTIC_ (torchrun's agent), SLURM_
+# (srun/sbatch; Lightning also picks its cluster environment from them), PMI_/PMIX_/OMPI_
+# (MPI launchers, srun --mpi), LSB_/JSM_NAMESPACE_ (LSF, which Lightning detects), MASTER_
+# (the rendezvous address and port).
+LAUNCHER_PREFIXES = ("TORCHELASTIC_", "SLURM_", "PMI_", "PMIX_", "OMPI_", "LSB_", "JSM_NAMESPACE_", "MASTER_")
+# torchrun's unprefixed ones: RANK, WORLD_SIZE and their LOCAL_/GROUP_/ROLE_/NODE_ forms, ROLE_NAME.
+_RANK_VARIABLE = re.compile(r"^((LOCAL|GROUP|ROLE|NODE)_)?(RANK|WORLD_SIZE)$|^ROLE_NAME$")
+
+
+def is_launcher_variable(name: str) -> bool:
+    return name.startswith(LAUNCHER_PREFIXES) or bool(_RANK_VARIABLE.match(name))
+
+
+def standalone_env(base: Optional[Mapping[str, str]] = None, **extra: str) -> dict[str, str]:
+    """The environment of a process that must be a job of its own, whatever launched this one.
+
+    Every launcher variable (:func:`is_launcher_variable`) is dropped; settings are kept:
+    ``CUDA_VISIBLE_DEVICES`` (the GPUs this process was given), ``OMP_NUM_THREADS``, and
+    ``NCCL_*``/``TORCH_NCCL_*`` (how collectives behave, e.g. torchrun's
+    ``TORCH_NCCL_ASYNC_ERROR_HANDLING``; they name no rank or peer). ``extra`` is added last.
+    Every subprocess the package starts gets its environment from here.
+    """
+    env = os.environ if base is None else base
+    return {**{k: v for k, v in env.items() if not is_launcher_variable(k)}, **extra}
 
 
 def launch_world_size() -> int:

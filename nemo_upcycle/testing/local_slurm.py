@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
+from nemo_upcycle.platform.launcher_env import standalone_env
+
 NODES = ("n1", "n2")
 PACKAGES = ("slurm-wlm", "munge")
 BINARIES = ("sbatch", "srun", "scontrol", "sinfo", "slurmctld", "slurmd", "munged", "munge", "unmunge")
@@ -208,7 +210,8 @@ class LocalSlurm:
     daemons: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     def env(self, base: Optional[dict] = None) -> dict:
-        return dict(os.environ if base is None else base, SLURM_CONF=str(self.conf))
+        # This cluster's clients and daemons only: no Slurm job this process runs in leaks in.
+        return standalone_env(base, SLURM_CONF=str(self.conf))
 
     def command(self, *args: str, timeout_s: float = 30) -> subprocess.CompletedProcess:
         return subprocess.run(list(args), env=self.env(), capture_output=True, text=True, timeout=timeout_s)

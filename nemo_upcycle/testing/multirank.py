@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
+from nemo_upcycle.platform.launcher_env import standalone_env
 from nemo_upcycle.util.ports import free_port  # noqa: F401  (tests import it from here)
 
 
@@ -60,8 +61,7 @@ def run_on_ranks(
             "-m", "nemo_upcycle.testing.rank_entry",
             target, str(tmp_path),
         ]
-        run_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        run_env.update(env or {})
+        run_env = {**standalone_env(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"), **(env or {})}
         proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env=run_env, start_new_session=True,

@@ -33,16 +33,15 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+from nemo_upcycle.model.megatron_keys import ATTN_NORM, MLP_NORM, local_module_name
+
 # 1: fusions LlamaConfig turns on that need Transformer Engine: megatron-core refuses fused
 # RoPE in the config's __post_init__, and the local norm asserts persist_layer_norm is off.
 _NO_TE_FUSIONS = dict(apply_rope_fusion=False, persist_layer_norm=False)
 
 # The norm names NeMo's mapping uses (Transformer Engine layers) -> the local layers' names.
 # On disk both spell the TE name: the local spec's sharded_state_dict_keys_map maps back.
-_LOCAL_NORM_NAMES = {
-    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
-    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
-}
+_LOCAL_NORM_NAMES = {name: local_module_name(name) for name in (ATTN_NORM, MLP_NORM)}
 
 
 def write_tiny_llama(folder: Path, seed: int = 0, rope_scaling: Optional[dict] = None, **overrides) -> Path:

@@ -26,18 +26,24 @@ log = logging.getLogger(__name__)
 
 
 def peak_flops_per_device(override_tflops: Optional[float]) -> Optional[float]:
-    """Peak bf16 FLOP/s of one device: the override, or the GPU's from the planner's table."""
+    """Peak dense bf16 FLOP/s of one device: ``trainer.peak_tflops``, or the planner's table
+    entry for the name torch reports. None on CPU, and on a GPU the table does not name
+    (MFU is then not reported, and rank 0 says which setting supplies it)."""
     if override_tflops:
         return override_tflops * 1e12
     if not torch.cuda.is_available():
         return None
-    from nemo_upcycle.capacity.budget import GPUS
+    from nemo_upcycle.capacity.budget import gpu_for_device_name
+    from nemo_upcycle.platform.launcher_env import is_rank0
 
-    name = torch.cuda.get_device_name().lower()
-    for key in sorted(GPUS, key=len, reverse=True):
-        if key.split("_")[0] in name:
-            return GPUS[key].bf16_tflops * 1e12
-    return None
+    name = torch.cuda.get_device_name()
+    gpu = gpu_for_device_name(name)
+    if gpu is None:
+        if is_rank0():
+            log.warning(f"MFU is not reported: the peak FLOP/s table (nemo_upcycle/capacity/budget.py) does not "
+                        f"know the device {name!r}; set trainer.peak_tflops=<its dense bf16 TFLOP/s>")
+        return None
+    return gpu.bf16_tflops * 1e12
 
 
 def mcore_chunks(pl_module) -> list:

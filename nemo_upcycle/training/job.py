@@ -39,6 +39,23 @@ def resumable_checkpoint(cfg: Any) -> Optional[Path]:
     return resume._find_trainer_ckpt_path()
 
 
+def adopt_checkpoint_to_resume(cfg: Any) -> Optional[Path]:
+    """On a relaunch, make ``cfg`` describe the checkpoint it resumes from; None on a first launch.
+
+    ``model``/``moe``/``router`` become the configuration stored in the checkpoint (an override
+    on the command line that contradicts it is refused, one that agrees is accepted) and the
+    tokenizer the copy in its context, so the dense checkpoint the first launch upcycled from
+    is never opened again: it may since have been moved or deleted.
+    """
+    from nemo_upcycle.checkpoint.stored_config import apply_stored_job, explicit_overrides
+    from nemo_upcycle.checkpoint.trained_checkpoint import find_checkpoint
+
+    resume_from = resumable_checkpoint(cfg)
+    if resume_from is not None:
+        apply_stored_job(cfg, find_checkpoint(resume_from), explicit_overrides())
+    return resume_from
+
+
 def _tokenizer(tokenizer_path: Optional[Path]):
     from nemo.collections.common.tokenizers.huggingface.auto_tokenizer import AutoTokenizer
 
@@ -64,7 +81,7 @@ def build_trainer(cfg: Any, callbacks: list):
         sequence_parallel=par.sp,
         expert_model_parallel_size=par.ep,
         expert_tensor_parallel_size=par.etp,
-        pipeline_dtype=torch.bfloat16 if gpu_available() else torch.float32,
+        pipeline_dtype=torch.bfloat16 if trains_in_bf16(cfg) else torch.float32,
         ddp=DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=gpu_available(),
@@ -73,6 +90,8 @@ def build_trainer(cfg: Any, callbacks: list):
         ),
         ckpt_async_save=gpu_available(),
         ckpt_parallel_save=True,
+        # For the optimizer's states (fitted to this layout: optimizer_state.py); model weights
+        # are mapped to the checkpoint's names and checked strictly first (_load_model_weights_strictly).
         ckpt_load_strictness="log_all",
         # The distributed optimizer's state in model space (like the plain optimizer's), so its
         # checkpoints resume at any TP/PP/EP/DP layout; NeMo's default ("dp_reshardable", flat
@@ -85,6 +104,7 @@ def build_trainer(cfg: Any, callbacks: list):
     # timers recorded something. Without timers megatron records nothing to gather.
     strategy.timers = None
     _fit_optimizer_state_on_load(strategy)
+    _load_model_weights_strictly(strategy)
     checkpoint = None if tr.checkpoint_every_n_steps == 0 else nl.ModelCheckpoint(
         every_n_train_steps=tr.checkpoint_every_n_steps,
         # Only "<name>-last" is kept (what AutoResume resumes from): with Adam's states an
@@ -95,7 +115,12 @@ def build_trainer(cfg: Any, callbacks: list):
         filename="{reduced_train_loss:.2f}-{step}-{consumed_samples}",
         save_optim_on_train_end=True,
     )
-    precision = nl.MegatronMixedPrecision(precision="bf16-mixed") if trains_in_bf16(cfg) else None
+    # The plugin writes its params_dtype into the model's config before the model is built (its
+    # default is float32: the model would be built and upcycled in fp32, then cast to bf16 by
+    # Float16Module). Stated here, the parameters are bf16 from the start, as NeMo's own
+    # bf16_mixed recipe builds them, and bf16 checkpoint bytes go straight into them.
+    precision = nl.MegatronMixedPrecision(precision="bf16-mixed", params_dtype=torch.bfloat16,
+                                          pipeline_dtype=torch.bfloat16) if trains_in_bf16(cfg) else None
     trainer = nl.Trainer(
         accelerator="gpu" if gpu_available() else "cpu",
         devices=int(_local_world_size()),
@@ -119,9 +144,38 @@ def build_trainer(cfg: Any, callbacks: list):
         log_dir=str(cfg.log_dir), name=RUN_NAME, use_datetime_version=False, version=None,
         ckpt=checkpoint, update_logger_directory=False,
         tensorboard=_tensorboard(cfg),
+        wandb=_wandb(cfg),
         extra_loggers=[] if checkpoint is None else [CheckpointMessages()],
     )
     return trainer, logger
+
+
+def _load_model_weights_strictly(strategy) -> None:
+    """Resume maps the checkpoint's names (either layer spec's) onto the model's and refuses a
+    model weight missing on either side (nemo_upcycle.checkpoint.strict_load), where megatron's
+    "log_all" would leave it at its initial value. Hooked into the checkpoint IO's load for the
+    duration of NeMo's own load, which builds the sharded state dict it is handed."""
+    from nemo_upcycle.checkpoint.strict_load import map_names_and_check
+
+    load = strategy.load_checkpoint
+
+    def load_checkpoint(checkpoint_path, selective_restore: bool = False):
+        checkpoint_io = strategy.checkpoint_io
+        io_load = checkpoint_io.load_checkpoint
+
+        def strict_load(path, sharded_state_dict=None, **kwargs):
+            map_names_and_check(
+                sharded_state_dict, sharded_state_dict["state_dict"], path, f"resuming from {checkpoint_path}",
+                "Resume it with the model/moe/router configuration that trained it, or train into a new log_dir.")
+            return io_load(path, sharded_state_dict=sharded_state_dict, **kwargs)
+
+        checkpoint_io.load_checkpoint = strict_load
+        try:
+            return load(checkpoint_path, selective_restore=selective_restore)
+        finally:
+            del checkpoint_io.load_checkpoint  # the class's method again
+
+    strategy.load_checkpoint = load_checkpoint
 
 
 def _fit_optimizer_state_on_load(strategy) -> None:
@@ -148,7 +202,22 @@ def _fit_optimizer_state_on_load(strategy) -> None:
 
 
 def trains_in_bf16(cfg: Any) -> bool:
-    return cfg.trainer.precision == "bf16" or (cfg.trainer.precision == "auto" and gpu_available())
+    """Whether the parameters are bf16: then (and only then) NeMo's bf16 mixed precision and
+    megatron's fp32 master weights are on. Read from the dtype the model is built in, never
+    from the spelling of ``trainer.precision``."""
+    from nemo_upcycle.model.modeling import params_dtype_for
+
+    return params_dtype_for(cfg) == torch.bfloat16
+
+
+def precision_line(cfg: Any) -> str:
+    """The training log's statement of the dtype that runs (the console shows it once)."""
+    from nemo_upcycle.model.modeling import params_dtype_for
+    from nemo_upcycle.platform.device import describe
+
+    dtype = params_dtype_for(cfg)
+    how = "fp32 master weights, Adam states and gradient reduction" if trains_in_bf16(cfg) else "fp32 throughout"
+    return f"parameters in {describe(dtype)} (trainer.precision={cfg.trainer.precision}; {how})"
 
 
 def _local_world_size() -> int:
@@ -161,6 +230,36 @@ def _tensorboard(cfg: Any):
     from lightning.pytorch.loggers import TensorBoardLogger
 
     return TensorBoardLogger(save_dir=str(Path(cfg.log_dir)), name="tensorboard", version="")
+
+
+def _wandb(cfg: Any):
+    """``logger.wandb=true``: Weights & Biases beside TensorBoard (every metric the callbacks
+    log reaches both), its run files in ``${log_dir}/wandb``, the job configuration as the run's
+    config. WANDB_MODE=offline (or ``wandb offline``) keeps it on disk for a later ``wandb sync``."""
+    if not cfg.logger.wandb:
+        return None
+    from lightning.pytorch.loggers import WandbLogger
+    from omegaconf import OmegaConf
+
+    import wandb
+
+    if not cfg.verbose:
+        # Its banner, warnings and summary are library chatter (on the console with verbose=true);
+        # set up before the run starts, or the warnings of its own argument checks get through.
+        wandb.setup(settings=wandb.Settings(silent=True))
+    log_dir = Path(cfg.log_dir)
+    return WandbLogger(name=cfg.logger.wandb_name or log_dir.absolute().name, project=cfg.logger.wandb_project,
+                       entity=cfg.logger.wandb_entity, save_dir=str(log_dir),
+                       config=OmegaConf.to_container(cfg, resolve=True))
+
+
+def _finish_wandb(cfg: Any) -> None:
+    """Close the W&B run (rank 0's; a no-op elsewhere): the job leaves through ``os._exit``,
+    which skips wandb's own exit hook, and an unfinished run loses its last records."""
+    if cfg.logger.wandb:
+        import wandb
+
+        wandb.finish()
 
 
 def build_optimizer(cfg: Any):
@@ -236,6 +335,7 @@ def run_training(cfg: Any) -> dict:
         upcycle_from = None
         check_optimizer_matches_checkpoint(cfg, resume_from)  # before anything is built
         log.info("resuming from %s (no upcycling)", resume_from)
+    log.info("%s", precision_line(cfg))
     tokenizer_path = tokenizer_folder(cfg)  # an embedded model is imported first
     # NeMo copies the tokenizer folder into every checkpoint: give it the tokenizer files only,
     # not an HF model folder's weights beside them.
@@ -248,10 +348,19 @@ def run_training(cfg: Any) -> dict:
     trainer, logger = build_trainer(cfg, [metrics, TrainingGuards(cfg, metrics), PreemptionStop()])
     resume = AutoResume(resume_if_exists=True, resume_ignore_no_checkpoint=True,
                         resume_from_directory=str(checkpoint_dir(cfg)))
-    llm.train(model=model, data=data, trainer=trainer, log=logger, resume=resume, tokenizer=None)
+    try:
+        llm.train(model=model, data=data, trainer=trainer, log=logger, resume=resume, tokenizer=None)
+        return _after_training(cfg, model, trainer, metrics, tokenizer_path, resume_from, upcycle_from)
+    finally:
+        _finish_wandb(cfg)
+
+
+def _after_training(cfg: Any, model, trainer, metrics, tokenizer_path, resume_from, upcycle_from) -> dict:
+    """The summary of a finished run, scored on MMLU and perplexity with eval.after_training."""
     summary = {"resumed_from": str(resume_from) if resume_from else None, "upcycled": upcycle_from is not None,
                "steps": trainer.global_step, "loss": metrics.last_record.get("loss"),
-               "checkpoint": resumable_checkpoint(cfg) if trainer.checkpoint_callback is not None else None}
+               "checkpoint": resumable_checkpoint(cfg) if trainer.checkpoint_callback is not None else None,
+               "wandb": str(Path(cfg.log_dir) / "wandb") if cfg.logger.wandb else None}
     if cfg.eval.after_training:
         from nemo_upcycle.evaluation.after_training import evaluate_trained_model
 
@@ -272,6 +381,8 @@ def finished_line(summary: dict, log_file) -> str:
             parts.append(label.format(summary[key]))
     if summary.get("checkpoint"):
         parts.append(f"checkpoint {summary['checkpoint']}")
+    if summary.get("wandb"):
+        parts.append(f"W&B run files {summary['wandb']}")
     if log_file is not None:
         parts.append(f"library logs {log_file.parent}/rank*.log")
     return "training finished: " + ", ".join(parts)

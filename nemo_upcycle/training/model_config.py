@@ -3,7 +3,8 @@
 ``UpcycleGPTConfig`` is NeMo's ``GPTConfig`` (a megatron TransformerConfig) with the same
 fields :func:`nemo_upcycle.model.modeling.transformer_config_kwargs` gives megatron-core
 directly, plus two of its own: the job configuration (plain data, so NeMo can serialise it
-into the checkpoint's context) and the dense checkpoint to upcycle from (None on resume).
+into the checkpoint's context) and the dense checkpoint to upcycle from (None on resume,
+and never written into a checkpoint: a trained checkpoint stands alone).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from nemo.collections.llm.gpt.model.base import GPTConfig
 from omegaconf import OmegaConf
 
 from nemo_upcycle.model.fused_paths import fused_paths_for_this_machine
-from nemo_upcycle.model.modeling import layer_spec, transformer_config_kwargs
+from nemo_upcycle.model.modeling import built_layer_naming, layer_spec, transformer_config_kwargs
 from nemo_upcycle.model.rope_scaling import apply_rope_scaling
 
 
@@ -27,22 +28,52 @@ def upcycle_layer_spec(config: "UpcycleGPTConfig", vp_stage: Optional[int] = Non
     return layer_spec(config, vp_stage)
 
 
+# Constructor arguments of the first launch that NeMo must not record in a checkpoint's
+# context: the dense checkpoint consumed by upcycling, and megatron's random initialisation
+# skipped for it. What the context rebuilds (our resume, ``nemo.lightning.io.load_context``
+# and a restore, a fine-tune, an export) is the trained model, whose weights then load from
+# the checkpoint; with the path recorded it would upcycle again, or fail once the dense
+# checkpoint has moved.
+FIRST_LAUNCH_ONLY = ("upcycle_from", "perform_initialization")
+
+# The dense checkpoint this process's launch upcycles from (make_gpt_config sets it; None on a
+# resume and in any other process). NeMo builds virtual-pipeline chunks 1..VPP-1 by
+# ``io.reinit`` of chunk 0, i.e. from the recorded arguments, which leave ``upcycle_from`` out:
+# without this those chunks were built randomly initialised and never upcycled.
+_launch_upcycles_from: Optional[str] = None
+
+
 @dataclass
 class UpcycleGPTConfig(GPTConfig):
     job: Optional[dict] = None
     upcycle_from: Optional[str] = None
+    # The layer spec's checkpoint naming the model is built with (nemo_upcycle.model.megatron_keys:
+    # "local" or "transformer_engine"), recorded in every checkpoint's context/model.yaml. None:
+    # a checkpoint saved before it was recorded (its keys tell: megatron_keys.layer_naming_of_keys).
+    layer_naming: Optional[str] = None
+
+    def io_transform_args(self, init_fn, *args, **kwargs):
+        captured = super().io_transform_args(init_fn, *args, **kwargs)
+        for name in FIRST_LAUNCH_ONLY:
+            captured.pop(name, None)  # the dataclass default (None, True) when the context is rebuilt
+        return captured
 
     def configure_model(self, tokenizer, pre_process=None, post_process=None, vp_stage=None):
         from nemo_upcycle.training.provider import upcycle_chunk
 
+        upcycle_from = self.upcycle_from or _launch_upcycles_from
+        if upcycle_from is not None:
+            self.perform_initialization = False  # a chunk rebuilt by io.reinit: see make_gpt_config
         model = super().configure_model(tokenizer, pre_process, post_process, vp_stage)
         job = OmegaConf.create(self.job)
         apply_rope_scaling(model, job.model)  # on resume too: the frequencies are not saved
-        upcycle_chunk(model, job, self.upcycle_from)
+        upcycle_chunk(model, job, upcycle_from)
         return model
 
 
 def make_gpt_config(cfg: Any, upcycle_from: Optional[str]) -> UpcycleGPTConfig:
+    global _launch_upcycles_from
+    _launch_upcycles_from = upcycle_from
     kwargs = transformer_config_kwargs(cfg)
     # Upcycling writes every parameter (the engine checks), so megatron's random init would
     # be thrown away: skipping it saves most of the model's construction time and the
@@ -63,4 +94,5 @@ def make_gpt_config(cfg: Any, upcycle_from: Optional[str]) -> UpcycleGPTConfig:
         transformer_layer_spec=upcycle_layer_spec,
         job=OmegaConf.to_container(cfg, resolve=True),
         upcycle_from=upcycle_from,
+        layer_naming=built_layer_naming(),
     )

@@ -95,10 +95,10 @@ class PreemptionStop(pl.Callback):
             "trainer.checkpoint_every_n_steps=0, so a relaunch starts over.", saved=False)
 
     def _received_on_any_rank(self) -> list[str]:
-        from nemo_upcycle.platform.cpu import gpu_available
+        from nemo_upcycle.platform.device import collective_device
 
-        device = torch.device("cuda", torch.cuda.current_device()) if gpu_available() else torch.device("cpu")
-        seen = torch.tensor([int(self._seen[sig]) for sig in STOP_SIGNALS], dtype=torch.int32, device=device)
+        seen = torch.tensor([int(self._seen[sig]) for sig in STOP_SIGNALS], dtype=torch.int32,
+                            device=collective_device())
         if dist.is_initialized():
             dist.all_reduce(seen, op=dist.ReduceOp.MAX)
         return [sig.name for sig, flag in zip(STOP_SIGNALS, seen.tolist()) if flag]

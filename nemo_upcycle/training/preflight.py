@@ -1,4 +1,4 @@
-"""Checks of the training job's output location, run before any weight is read.
+"""Checks of the training job's output location and data, run before any weight is read.
 
 A job that cannot write its checkpoints should fail in seconds with the reason, not after
 hours of training when the first save fails (or, worse, leaves a half-written checkpoint on
@@ -6,7 +6,10 @@ a full disk). Two things are checked, without creating anything:
 
 * ``log_dir`` is writable (or creatable): a probe file in the nearest existing folder;
 * the disk holding it has room for the MoE checkpoints this run will keep, estimated from
-  the planner's exact parameter count.
+  the planner's exact parameter count;
+
+and that the data can feed the run: its tokens and the epochs the run makes of them are
+printed, and a run that would repeat its data more than a few times is refused.
 """
 from __future__ import annotations
 
@@ -147,8 +150,25 @@ def check_tokenizer(cfg: Any) -> None:
         )
 
 
+def check_data(cfg: Any) -> list:
+    """Tokenize the data if it is not yet (rank 0, into the cache), state its tokens and the
+    epochs this run makes of it, and refuse more than a few (nemo_upcycle/data/epochs.py).
+    Returns the blend list the job trains on."""
+    from nemo_upcycle.checkpoint.tokenizer_files import tokenizer_folder
+    from nemo_upcycle.data.epochs import check_repeats, data_budget, describe
+    from nemo_upcycle.data.prepare import resolve_data_paths
+    from nemo_upcycle.platform.launcher_env import print_rank0
+
+    paths = resolve_data_paths(cfg, tokenizer_folder(cfg))
+    budget = data_budget(cfg, paths)
+    print_rank0(describe(cfg, budget))
+    check_repeats(cfg, budget)
+    return paths
+
+
 def check_before_training(cfg: Any) -> None:
     """Every check of what the job needs besides the dense weights, in the order a user would fix them."""
     check_log_dir_writable(cfg.log_dir)
     check_disk_space(cfg)
     check_tokenizer(cfg)
+    check_data(cfg)

@@ -2,16 +2,17 @@
 
 A checkpoint stores layers stacked (``decoder.layers.mlp.linear_fc1.weight`` of shape
 (L, ...)) or one key per layer (``decoder.layers.3.mlp...``), with or without NeMo 2's
-``module.`` prefix. How such keys are spelled is :class:`~nemo_upcycle.checkpoint.hf_llama.
-MegatronNaming`'s job (it also writes them, for the safetensors source and the exporter);
-this resolver only *looks them up* in a checkpoint that exists, tensor by tensor (a
-checkpoint may mix both spellings), and says clearly what is missing or inconsistent.
+``module.`` prefix, under either layer spec's names. How such keys are spelled is
+:mod:`nemo_upcycle.model.megatron_keys`'s job (it also writes them, for the safetensors
+source and the exporter); this resolver only *looks them up* in a checkpoint that exists,
+tensor by tensor (a checkpoint may mix stacked and per-layer keys), and says clearly what is
+missing or inconsistent.
 """
 from __future__ import annotations
 
 from typing import Mapping, Optional
 
-from nemo_upcycle.checkpoint.hf_llama import MegatronNaming, parse_megatron_key
+from nemo_upcycle.model.megatron_keys import MegatronNaming, parse_megatron_key
 from nemo_upcycle.upcycle.errors import DenseCheckpointMismatch
 
 
@@ -21,9 +22,11 @@ class DenseKeyResolver:
     def __init__(self, dense_shapes: Mapping[str, tuple[int, ...]], num_layers: Optional[int]):
         self.shapes = dense_shapes
         self.num_layers = num_layers  # None: not known yet (reading the architecture)
-        self.prefix = MegatronNaming.of_keys(dense_shapes).prefix
-        self._stacked = MegatronNaming(stacked=True, prefix=self.prefix)
-        self._per_layer = MegatronNaming(stacked=False, prefix=self.prefix)
+        found = MegatronNaming.of_keys(dense_shapes)
+        self.prefix = found.prefix
+        # An MoE checkpoint written with the TE spec names its MoE layers' norms its own way.
+        self._stacked = MegatronNaming(True, self.prefix, found.layer_naming, found.moe_layers)
+        self._per_layer = MegatronNaming(False, self.prefix, found.layer_naming, found.moe_layers)
 
     def has(self, layer: Optional[int], name: str) -> bool:
         try:

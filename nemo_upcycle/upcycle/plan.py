@@ -17,7 +17,10 @@ local tensor:
 * ``router``: initialised, not read.
 
 Keys are matched to the checkpoint by :class:`~nemo_upcycle.upcycle.dense_keys.DenseKeyResolver`
-(stacked or per-layer keys, with or without NeMo 2's ``module.`` prefix).
+(stacked or per-layer keys, with or without NeMo 2's ``module.`` prefix); the MoE model's own
+keys are read in either layer spec's naming (:mod:`nemo_upcycle.model.megatron_keys`: the TE
+spec's ``pre_mlp_layernorm.weight`` of an MoE layer is the dense layer's
+``mlp.linear_fc1.layer_norm_weight``).
 :func:`plan_upcycle` is the planner; :func:`build_plan` feeds it from megatron-core chunks.
 """
 from __future__ import annotations
@@ -25,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
-from nemo_upcycle.checkpoint.hf_llama import FC1, FC2, parse_megatron_key
+from nemo_upcycle.model.megatron_keys import FC1, FC2, canonical_key, parse_megatron_key
 from nemo_upcycle.upcycle.dense_keys import DenseKeyResolver
 from nemo_upcycle.upcycle.errors import DenseCheckpointMismatch
 from nemo_upcycle.upcycle.local_model import (
@@ -149,7 +152,7 @@ def canonical_name(tensor: StateTensor) -> tuple[Optional[int], str, tuple[int, 
         return layer, name, offsets
     if stacked and tensor.prepend_axis_num >= 1:
         return offsets[0], name, offsets[1:]
-    return None, tensor.key, offsets
+    return None, canonical_key(tensor.key), offsets
 
 
 def _is_ffn_or_router(name: str) -> bool:

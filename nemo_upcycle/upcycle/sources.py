@@ -15,6 +15,7 @@ from typing import Optional, Protocol
 import torch
 
 from nemo_upcycle.errors import UserError
+from nemo_upcycle.platform.device import file_bytes_into, host_buffer, read_exactly
 
 
 @dataclass
@@ -246,25 +247,23 @@ class TorchDistCheckpoint:
                 read += count * itemsize
                 continue
             if buffer is None:
-                buffer = torch.empty(sizes, dtype=dtype)
+                buffer = host_buffer(sizes, dtype)
                 self._read_into(handle, payload.offset, buffer, expected, index, info)
                 read += expected
             dst.copy_(narrow_tensor_by_index(buffer, item.storage_offsets, item.lengths))
         return read
 
     def _read_into(self, handle, offset: int, dst: torch.Tensor, nbytes: int, index, info) -> None:
-        """``nbytes`` from ``offset`` of the file straight into the memory of contiguous ``dst``."""
+        """``nbytes`` from ``offset`` of the file into contiguous ``dst``: straight into its
+        memory on the host, through a (pinned) host buffer into a GPU parameter."""
+        def short() -> CheckpointFormatError:
+            return CheckpointFormatError(
+                f"{self.path / info.relative_path} is truncated: tensor {index.fqn} needs "
+                f"bytes {offset}..{offset + nbytes}"
+            )
+
         handle.seek(offset)
-        view = memoryview(dst.detach().reshape(-1).view(torch.uint8).numpy())
-        got = 0
-        while got < nbytes:
-            n = handle.readinto(view[got:nbytes])
-            if not n:
-                raise CheckpointFormatError(
-                    f"{self.path / info.relative_path} is truncated: tensor {index.fqn} needs "
-                    f"bytes {offset}..{offset + nbytes}"
-                )
-            got += n
+        file_bytes_into(lambda view: read_exactly(handle, view[:nbytes], short), dst)
 
     def _read_with_torch_load(self, index, info, handle, items) -> None:
         handle.seek(info.offset)

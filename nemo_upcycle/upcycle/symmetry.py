@@ -7,12 +7,15 @@
 
 Random draws are seeded by (seed, layer, expert) and, for the values, by the shard's
 offset, so every rank that holds the same expert shard (expert-data-parallel replicas)
-draws the same numbers without any communication.
+draws the same numbers without any communication. The draws are made on the host (a
+seeded CPU generator gives the same numbers on every machine) and then moved to the
+weights' device (nemo_upcycle.platform.device.like).
 """
 from __future__ import annotations
 
 import torch
 
+from nemo_upcycle.platform.device import like
 from nemo_upcycle.upcycle.router_init import layer_generator
 
 _NOISE_STREAM = 0x0015_0000
@@ -26,7 +29,7 @@ def _expert_generator(seed: int, layer: int, expert: int, stream: int, extra: in
 def add_noise(weight: torch.Tensor, std: float, seed: int, layer: int, expert: int, shard: int) -> None:
     gen = _expert_generator(seed, layer, expert, _NOISE_STREAM, shard)
     with torch.no_grad():
-        weight.add_(torch.randn(weight.shape, generator=gen).to(weight.dtype) * std)
+        weight.add_(like(torch.randn(weight.shape, generator=gen), weight) * std)
 
 
 def dropped_channels(seed: int, layer: int, expert: int, width: int, ratio: float) -> torch.Tensor:
@@ -48,6 +51,7 @@ def reinit_channels(
     """Re-initialise the given global channels that fall in this shard; returns how many."""
     local_width = fc2.shape[1]
     local = channels[(channels >= local_offset) & (channels < local_offset + local_width)] - local_offset
+    local = local.to(fc2.device)
     if local.numel() == 0:
         return 0
     gen = _expert_generator(seed, layer, expert, _DROP_STREAM, 1 + local_offset)
@@ -55,7 +59,7 @@ def reinit_channels(
         gate_std, up_std = fc1[:local_width].float().std(), fc1[local_width:].float().std()
         down_std = fc2.float().std()
         n, h = local.numel(), fc1.shape[1]
-        fc1[local] = (torch.randn(n, h, generator=gen) * gate_std).to(fc1.dtype)
-        fc1[local_width + local] = (torch.randn(n, h, generator=gen) * up_std).to(fc1.dtype)
-        fc2[:, local] = (torch.randn(fc2.shape[0], n, generator=gen) * down_std).to(fc2.dtype)
+        fc1[local] = like(torch.randn(n, h, generator=gen).to(gate_std.device) * gate_std, fc1)
+        fc1[local_width + local] = like(torch.randn(n, h, generator=gen).to(up_std.device) * up_std, fc1)
+        fc2[:, local] = like(torch.randn(fc2.shape[0], n, generator=gen).to(down_std.device) * down_std, fc2)
     return int(local.numel())

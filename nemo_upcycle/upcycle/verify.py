@@ -13,12 +13,11 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-# megatron-core and transformers sum in different orders: fp32 rounding over many layers.
-IMPORT_TOLERANCE = {torch.float32: 1e-3}
+from nemo_upcycle.platform.device import collective_device
 
 
 def _all_reduce(value: float, op=dist.ReduceOp.MAX) -> float:
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=collective_device())
     dist.all_reduce(t, op=op)
     return float(t.item())
 
@@ -58,10 +57,10 @@ def run_verify(cfg: DictConfig) -> dict:
     from nemo_upcycle.platform.launcher_env import print_rank0
     from nemo_upcycle.data.text import heldout_batch
     from nemo_upcycle.metrics.router_stats import RouterStatsCollector
-    from nemo_upcycle.model.modeling import build_model_chunks, default_params_dtype
+    from nemo_upcycle.model.modeling import build_model_chunks, params_dtype_for
     from nemo_upcycle.platform.distributed import setup_parallel
     from nemo_upcycle.upcycle.engine import upcycle_from_dense
-    from nemo_upcycle.upcycle.exactness import TOLERANCE, inexact_reason, logit_tolerance
+    from nemo_upcycle.upcycle.exactness import inexact_reason, logit_tolerance, rounding_tolerance
     from nemo_upcycle.upcycle.spec import UpcycleSpec
 
     source = open_dense_source(cfg)  # imports the embedded model if needed; checks the architecture
@@ -86,19 +85,21 @@ def run_verify(cfg: DictConfig) -> dict:
     if spec.num_experts:
         stats.all_reduce(cfg.model.num_layers, spec.num_experts, spec.topk)
 
-    local = (0.0, 0.0, 0)
+    local = (0.0, 0.0, 0, 0.0)
     if moe_logits is not None:
         diff = (moe_logits - dense_logits).abs()
-        local = (diff.max().item(), diff.sum().item(), diff.numel())
+        local = (diff.max().item(), diff.sum().item(), diff.numel(), dense_logits.abs().max().item())
     mean = _all_reduce(local[1], dist.ReduceOp.SUM) / max(_all_reduce(local[2], dist.ReduceOp.SUM), 1)
-    bytes_read = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size())]
-    dist.all_gather(bytes_read, torch.tensor([report.bytes_read]))
+    logit_scale = _all_reduce(local[3])
+    device = collective_device()
+    bytes_read = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(bytes_read, torch.tensor([report.bytes_read], device=device))
     if dist.get_rank() == 0:
         print_upcycling(cfg, stats, spec, report, [int(b) for b in bytes_read])
-    dtype = default_params_dtype()
-    return {"max": _all_reduce(local[0]), "mean": mean, "tolerance": logit_tolerance(cfg, dtype),
-            "reason": inexact_reason(cfg), "import": import_diff,
-            "import_tolerance": IMPORT_TOLERANCE.get(dtype, TOLERANCE.get(dtype, 1.5e-1))}
+    dtype, layers = params_dtype_for(cfg), cfg.model.num_layers
+    return {"max": _all_reduce(local[0]), "mean": mean, "dtype": dtype, "logit_scale": logit_scale,
+            "tolerance": logit_tolerance(cfg, dtype, logit_scale), "reason": inexact_reason(cfg),
+            "import": import_diff, "import_tolerance": rounding_tolerance(dtype, logit_scale, layers)}
 
 
 def print_upcycling(cfg: DictConfig, stats, spec, report, bytes_per_rank: list[int]) -> None:
@@ -134,7 +135,7 @@ def transformers_difference(cfg: DictConfig, source, tokens, dense_logits) -> Op
     if dense_logits is not None:
         reference = vocab_slice_logits(folder, tokens, parallel_state.get_tensor_model_parallel_rank(),
                                        parallel_state.get_tensor_model_parallel_world_size())
-        local = (dense_logits - reference).abs().max().item()
+        local = (dense_logits - reference.to(dense_logits.device)).abs().max().item()
     return {"max": _all_reduce(local), "folder": str(folder)}
 
 
@@ -155,22 +156,28 @@ def router_table(cfg: DictConfig, stats, spec):
 
 def verdict(result: dict) -> tuple[list[str], bool]:
     """The lines verify prints for ``result``, and whether a check failed."""
-    lines, failed = [], False
+    from nemo_upcycle.platform.device import describe
+    from nemo_upcycle.upcycle.exactness import tolerance_rule
+
+    lines, failed = [f"verify ran in {describe(result['dtype'])} (trainer.precision), "
+                     f"dense logits up to {result['logit_scale']:.3g} in magnitude"], False
     imported = result["import"]
     if imported is not None:
         ok = imported["max"] <= result["import_tolerance"]
         failed |= not ok
         lines.append(
             f"{'OK' if ok else 'FAILED'}: megatron-core's dense model vs transformers on {imported['folder']}: "
-            f"max abs logit difference {imported['max']:.3e} (tolerance {result['import_tolerance']:.0e})"
+            f"max abs logit difference {imported['max']:.3e} (tolerance {result['import_tolerance']:.2e})"
             + ("" if ok else "; the checkpoint's configuration was read wrongly"))
     if result["tolerance"] is None:
         lines.append(f"not expected to match the dense model exactly: {result['reason']}")
     elif result["max"] > result["tolerance"]:
         failed = True
-        lines.append(f"FAILED: max abs logit difference {result['max']:.3e} exceeds tolerance {result['tolerance']:.0e}")
+        lines.append(f"FAILED: max abs logit difference {result['max']:.3e} exceeds tolerance "
+                     f"{result['tolerance']:.2e} ({tolerance_rule(result['dtype'])})")
     else:
-        lines.append(f"OK: the upcycled model reproduces the dense logits within {result['tolerance']:.0e}")
+        lines.append(f"OK: the upcycled model reproduces the dense logits within {result['tolerance']:.2e} "
+                     f"({tolerance_rule(result['dtype'])})")
     if imported is not None:
         lines.append(f"import_max_abs_logit_diff={imported['max']:.6e}")
     lines.append(f"max_abs_logit_diff={result['max']:.6e} mean_abs_logit_diff={result['mean']:.6e}")

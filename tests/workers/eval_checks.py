@@ -67,7 +67,8 @@ def save_upcycled_nemo_layout(overrides: list[str], out_dir: str) -> dict:
 
     from nemo_upcycle.config.compose import compose_config
     from nemo_upcycle.checkpoint.dense_source import open_dense_source
-    from nemo_upcycle.evaluation.backends import chunks_sharded_state, prefix_sharded_keys
+    from nemo_upcycle.evaluation.backends import chunks_sharded_state
+    from nemo_upcycle.model.megatron_keys import prefix_sharded_keys
     from nemo_upcycle.model.modeling import build_model_chunks
     from nemo_upcycle.platform.distributed import setup_parallel
     from nemo_upcycle.upcycle.engine import upcycle_from_dense

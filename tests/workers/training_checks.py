@@ -19,8 +19,9 @@ def train_command(nproc: int, overrides: list[str]) -> list[str]:
             f"--master_port={free_port()}", "--max_restarts=0", "-m", "nemo_upcycle.train", *overrides]
 
 
-def run_training(nproc: int, overrides: list[str], timeout_s: float = 420) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+def run_training(nproc: int, overrides: list[str], timeout_s: float = 420,
+                 env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
     proc = subprocess.Popen(train_command(nproc, overrides), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, cwd=REPO, env=env, start_new_session=True)
     try:
@@ -30,6 +31,25 @@ def run_training(nproc: int, overrides: list[str], timeout_s: float = 420) -> su
         out, _ = proc.communicate()
         raise AssertionError(f"training did not finish within {timeout_s}s:\n{out[-4000:]}")
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+
+
+# The README's main command (scripts/demo.sh's training step), cut to 2 steps of 2 x 64
+# tokens without a checkpoint or validation: what the first run on a new machine goes through
+# (the embedded import and the data's tokenization on rank 0, upcycling, NeMo's training).
+README_MAIN_COMMAND = ["model=smollm2_135m", "moe=e8t2", "router=topk_softmax", "parallel=ep2", "trainer=demo"]
+FEW_TINY_STEPS = ["trainer.max_steps=2", "trainer.seq_length=64", "trainer.checkpoint_every_n_steps=0",
+                  "trainer.limit_val_batches=0", "trainer.val_check_interval=1000"]
+
+
+def run_readme_main_command(cache: Path, log_dir: Path, timeout_s: float = 900) -> dict:
+    """The README's main command under torchrun on 2 ranks with ``cache`` as the user's cache
+    (NEMO_UPCYCLE_CACHE); its output, exit status, wall time and whether the cache was empty."""
+    was_empty = not (cache.is_dir() and any(cache.iterdir()))
+    started = time.monotonic()
+    result = run_training(2, [*README_MAIN_COMMAND, f"log_dir={log_dir}", *FEW_TINY_STEPS], timeout_s,
+                          env={"NEMO_UPCYCLE_CACHE": str(cache)})
+    return {"returncode": result.returncode, "output": result.stdout, "seconds": time.monotonic() - started,
+            "cache_was_empty": was_empty}
 
 
 def run_and_kill_a_rank(nproc: int, overrides: list[str], metrics: Path, kill_after_step: int,
@@ -234,14 +254,23 @@ def tiny_training_overrides(tiny_smollm_vocab, cache_dir, log_dir, *more) -> lis
 class ReferenceRun:
     """One uninterrupted 8-step run at a layout, shared by the tests that need one: its
     losses (what a resumed run must reproduce), its own log_dir (the trained checkpoint after
-    step 8, to export) and its checkpoint after step 4, kept aside while it trained on."""
+    step 8, to export) and its checkpoint after step 4, kept aside while it trained on.
+
+    It upcycles from its own copy of the dense checkpoint, deleted once it has trained: every
+    test that resumes (naming the deleted folder, ``self.dense``), exports or evaluates it
+    shows that a trained checkpoint stands alone."""
 
     def __init__(self, root: Path, tiny_smollm_vocab, cache_dir, layout: list[str]):
+        import shutil
+
         self.layout = [*layout, "trainer.max_steps=8"]
         self.log_dir, self._kept = root / "run", root / "kept"
-        overrides = tiny_training_overrides(tiny_smollm_vocab, cache_dir, self.log_dir, *self.layout)
+        dense, tokenizer = tiny_smollm_vocab
+        self.dense = (Path(shutil.copytree(dense, root / "dense")), tokenizer)
+        overrides = tiny_training_overrides(self.dense, cache_dir, self.log_dir, *self.layout)
         result = run_keeping_a_checkpoint(2, overrides, self.log_dir, after_step=4, into=self._kept)
         assert result.returncode == 0, result.stdout[-5000:]
+        shutil.rmtree(self.dense[0])
         self.losses = losses_by_step(self.log_dir)
         (self.last,) = (self.log_dir / "upcycle" / "checkpoints").glob("*-last")
 

@@ -46,12 +46,20 @@ def _max_over_world(value: float) -> float:
     return float(t.item())
 
 
-def dense_vs_upcycled(overrides: list[str], path: str, seq: int = 32) -> dict:
-    """Logits of the dense model (megatron's own loader) vs the upcycled MoE, same tokens."""
+def dense_vs_upcycled(overrides: list[str], path: str, seq: int = 32, namings: tuple = ("local",)) -> dict:
+    """Logits of the dense model (megatron's own loader) vs the upcycled MoE, same tokens.
+
+    ``namings``: the layer specs' checkpoint namings (nemo_upcycle.model.megatron_keys) to build
+    the MoE with, one after the other; "transformer_engine" is megatron-core's local spec
+    without the MoE norm's key mapping (model/modeling.local_spec_with_te_names), so the TE
+    spec's names come from megatron-core's own TransformerLayer. The first naming's numbers
+    are the result's top level, each naming's under ``by_naming``.
+    """
     from megatron.core import dist_checkpointing
 
     from nemo_upcycle.model.forward import run_schedule
-    from nemo_upcycle.model.modeling import build_model_chunks
+    from nemo_upcycle.model.megatron_keys import layer_naming_of_keys, sharded_items
+    from nemo_upcycle.model.modeling import LAYER_NAMES_ENV, build_model_chunks
     from nemo_upcycle.upcycle.engine import upcycle_from_dense
     from nemo_upcycle.upcycle.sources import TorchDistCheckpoint
 
@@ -74,23 +82,38 @@ def dense_vs_upcycled(overrides: list[str], path: str, seq: int = 32) -> dict:
     dense_logits = run_schedule(dense, tokens)
     del dense
 
-    moe = build_model_chunks(cfg)
-    report = upcycle_from_dense(moe, cfg, TorchDistCheckpoint(path))
-    for c in moe:
-        c.eval()
-    moe_logits = run_schedule(moe, tokens)
-    if moe_logits is not None:
-        diff = (moe_logits - dense_logits).abs()
-        local_max, local_mean, scale = diff.max().item(), diff.mean().item(), dense_logits.abs().max().item()
-    else:
-        local_max = local_mean = scale = 0.0
-    return {
-        "rank": dist.get_rank(),
-        "max_abs_diff": _max_over_world(local_max),
-        "mean_abs_diff": _max_over_world(local_mean),
-        "logit_scale": _max_over_world(scale),
-        "report": report.as_dict(),
-    }
+    by_naming = {}
+    for naming in namings:
+        os.environ[LAYER_NAMES_ENV] = naming
+        try:
+            moe = build_model_chunks(cfg)
+            if naming != namings[0]:  # a dense model is named alike under both specs
+                dense_keys = [sorted(i.key for i in sharded_items(c.sharded_state_dict()))
+                              for c in build_model_chunks(dense_cfg)]
+        finally:
+            del os.environ[LAYER_NAMES_ENV]
+        report = upcycle_from_dense(moe, cfg, TorchDistCheckpoint(path))
+        for c in moe:
+            c.eval()
+        moe_logits = run_schedule(moe, tokens)
+        if moe_logits is not None:
+            diff = (moe_logits - dense_logits).abs()
+            local_max, local_mean, scale = diff.max().item(), diff.mean().item(), dense_logits.abs().max().item()
+        else:
+            local_max = local_mean = scale = 0.0
+        by_naming[naming] = {
+            "max_abs_diff": _max_over_world(local_max),
+            "mean_abs_diff": _max_over_world(local_mean),
+            "logit_scale": _max_over_world(scale),
+            "report": report.as_dict(),
+            # What megatron-core's modules wrote: read back from their sharded state dict.
+            "keys_naming": layer_naming_of_keys(i.key for c in moe for i in sharded_items(c.sharded_state_dict())),
+        }
+        if naming != namings[0]:
+            by_naming[naming]["dense_keys_alike"] = dense_keys == [
+                sorted(i.key for i in sharded_items(c.sharded_state_dict())) for c in build_model_chunks(dense_cfg)]
+        del moe
+    return {"rank": dist.get_rank(), **by_naming[namings[0]], "by_naming": by_naming}
 
 
 _COLLECTIVES = (

@@ -1,7 +1,24 @@
-"""The ``trainer.*`` settings: checkpointing and the router-collapse guards."""
+"""The ``trainer.*`` settings: precision, recomputation, checkpointing and the router-collapse guards."""
 from __future__ import annotations
 
 from typing import Any
+
+# trainer.precision -> the parameters' torch dtype (model/modeling.py params_dtype_for);
+# "auto" = bf16 on a GPU, fp32 on CPU. Named here, not as torch dtypes: checking the
+# configuration imports no torch.
+PARAMS_DTYPE_NAMES = {"bf16": "bfloat16", "fp32": "float32"}
+PRECISIONS = ("auto", *PARAMS_DTYPE_NAMES)
+
+
+def precision_problems(cfg: Any) -> list[str]:
+    """A closed choice: any other spelling (``bf16-mixed``, ``32``) would have to be guessed,
+    and a wrong guess trains with Adam's states in the wrong dtype."""
+    precision = cfg.trainer.precision
+    if precision in PRECISIONS:
+        return []
+    return [f"trainer.precision={precision} must be one of {', '.join(PRECISIONS)} (bf16: bf16 weights, "
+            "fp32 master weights and gradient reduction; fp32: fp32 throughout; auto: bf16 on a GPU, "
+            "fp32 on CPU)"]
 
 
 def checkpoint_problems(cfg: Any) -> list[str]:
@@ -40,3 +57,62 @@ def guard_problems(cfg: Any) -> list[str]:
                 f"moe.num_experts/moe.topk = {ceiling:g}, the most the busiest expert can get (null = off)"
             )
     return problems
+
+
+# trainer.recompute -> megatron-core's recompute_granularity (model/modeling.py recompute_kwargs).
+RECOMPUTE_GRANULARITIES = ("none", "selective", "full")
+RECOMPUTE_METHODS = ("uniform", "block")
+# The selective modules megatron-core offers for this project's models (a Llama attention, no
+# shared experts, no multi-latent attention), and what each recomputes.
+RECOMPUTE_MODULES = {
+    "core_attn": "the attention scores and softmax",
+    "layernorm": "the RMSNorms before attention and MLP",
+    "mlp": "the FFN of dense layers",
+    "moe": "each MoE layer as a whole",
+    "moe_act": "the experts' SwiGLU activation (needs the grouped-GEMM experts, GPU only)",
+}
+
+
+def recompute_problems(cfg: Any) -> list[str]:
+    """``trainer.recompute`` and its details, with the rules megatron-core's TransformerConfig
+    applies (it would raise them only while the model is built)."""
+    tr, par = cfg.trainer, cfg.parallel
+    if tr.recompute not in RECOMPUTE_GRANULARITIES:
+        return [f"trainer.recompute={tr.recompute} must be one of {', '.join(RECOMPUTE_GRANULARITIES)} "
+                "(selective: trainer.recompute_modules of each layer; full: whole layers, "
+                "trainer.recompute_method and trainer.recompute_num_layers)"]
+    problems = []
+    if tr.recompute == "selective":
+        modules = list(tr.recompute_modules)
+        unknown = [m for m in modules if m not in RECOMPUTE_MODULES]
+        if unknown or not modules:
+            problems.append(
+                f"trainer.recompute_modules=[{','.join(map(str, modules))}]: "
+                + (f"{', '.join(map(str, unknown))} not available; " if unknown else "empty; ")
+                + "choose from " + "; ".join(f"{m} ({what})" for m, what in RECOMPUTE_MODULES.items()))
+        if "moe_act" in modules and not _grouped_gemm_experts():
+            problems.append("trainer.recompute_modules contains moe_act, which megatron-core recomputes only in "
+                            "grouped-GEMM experts, and this machine runs the sequential ones (no GPU or no "
+                            "Transformer Engine); drop moe_act or use trainer.recompute=full")
+    elif tr.recompute == "full":
+        if tr.recompute_method not in RECOMPUTE_METHODS:
+            problems.append(f"trainer.recompute_method={tr.recompute_method} must be uniform (groups of "
+                            "recompute_num_layers layers) or block (the first recompute_num_layers layers "
+                            "of each pipeline chunk)")
+        chunks = par.pp * (par.vpp or 1)
+        per_chunk = cfg.model.num_layers // chunks if chunks > 0 and cfg.model.num_layers else None
+        layers = tr.recompute_num_layers
+        if per_chunk is not None and not 1 <= layers <= per_chunk:
+            problems.append(f"trainer.recompute_num_layers={layers} must be between 1 and the {per_chunk} "
+                            f"layers of a pipeline chunk (model.num_layers={cfg.model.num_layers} over "
+                            f"parallel.pp*vpp = {chunks})")
+        elif (per_chunk is not None and tr.recompute_method == "uniform" and per_chunk % layers):
+            problems.append(f"trainer.recompute_method=uniform recomputes groups of trainer.recompute_num_layers"
+                            f"={layers} layers, which must divide the {per_chunk} layers of a pipeline chunk")
+    return problems
+
+
+def _grouped_gemm_experts() -> bool:
+    from nemo_upcycle.model.fused_paths import fused_paths_for_this_machine
+
+    return fused_paths_for_this_machine().moe_grouped_gemm
