@@ -29,6 +29,8 @@ import threading
 import time
 from pathlib import Path
 
+from nemo_upcycle.platform.launcher_env import standalone_env  # a job of its own, whatever launched this
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "checkpoint_memory.json"
 
@@ -39,7 +41,7 @@ def folder_bytes(path: Path) -> int:
 
 def measure(cmd: list[str]) -> dict:
     """Run ``cmd`` in a fresh process; its peak RSS (bytes) and wall time."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = standalone_env(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     started = time.perf_counter()
     if Path("/usr/bin/time").exists():
         proc = subprocess.run(["/usr/bin/time", "-v", *cmd], cwd=REPO, env=env, text=True, capture_output=True)

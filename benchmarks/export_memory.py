@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.checkpoint_memory import folder_bytes, largest_tensor_bytes, measure  # noqa: E402
 from benchmarks.generated_llama import ensure, model_overrides  # noqa: E402
 from benchmarks.train_throughput import train  # noqa: E402
+from nemo_upcycle.platform.launcher_env import standalone_env  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "export_memory.json"
 BASELINE = (
@@ -75,7 +76,7 @@ def generated_233m_case(work: Path, cache_dir: Path) -> tuple[str, Path, Path, l
     for cmd in (export_cmd(*shape, f"output_dir={first}"),
                 [sys.executable, "-m", "nemo_upcycle.import_dense", f"source={first}", f"output_dir={moe}",
                  "progress=false"]):
-        subprocess.run(cmd, cwd=REPO, check=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        subprocess.run(cmd, cwd=REPO, check=True, env=standalone_env(OMP_NUM_THREADS="1"))
     shutil.rmtree(first)
     return "generated llama_233m E8T2 MoE torch_dist -> Mixtral", moe, work / "llama233m_hf", shape
 

@@ -17,6 +17,8 @@ import sys
 import zlib
 from pathlib import Path
 
+from nemo_upcycle.platform.launcher_env import standalone_env  # a job of its own, whatever launched this
+
 REPO = Path(__file__).resolve().parents[1]
 
 # name -> model.* overrides (the tiny_llama schema with other sizes).
@@ -93,7 +95,7 @@ def ensure(name: str, cache_dir: Path | None = None) -> Path:
         cmd = [sys.executable, str(Path(__file__).resolve()), name]
         if cache_dir:
             cmd += ["--cache-dir", str(cache_dir)]
-        subprocess.run(cmd, check=True, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        subprocess.run(cmd, check=True, cwd=REPO, env=standalone_env(OMP_NUM_THREADS="1"))
     return out
 
 

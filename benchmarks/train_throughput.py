@@ -43,6 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks import machine  # noqa: E402
+from nemo_upcycle.platform.launcher_env import standalone_env  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 
@@ -76,7 +77,7 @@ def measured_cpu_peak_tflops(size: int = 1024, repeats: int = 5) -> float:
         "print(2 * n ** 3 / best / 1e12)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+                         env=standalone_env(OMP_NUM_THREADS="1"))
     return float(out.stdout.strip().splitlines()[-1])
 
 
@@ -87,7 +88,7 @@ def train(overrides: list[str], nproc: int, log_dir: Path, timeout_s: float) -> 
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            f"--master_port={free_port()}", "--max_restarts=0", "-m", "nemo_upcycle.train",
            *overrides, f"log_dir={log_dir}"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = standalone_env(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     try:
@@ -122,11 +123,13 @@ def summarise_steps(records: list[dict], warm: int, tokens_per_step: int) -> dic
 
 
 def profile(overrides: list[str], nproc: int, micro_batch: int, seq: int, micro_batches: int,
-            warm: int = 2, measured: int = 3) -> list[dict]:
+            warm: int = 2, measured: int = 3, timeout_s: float = 1200) -> list[dict]:
     from nemo_upcycle.testing.multirank import run_on_ranks
 
-    return run_on_ranks("benchmarks.step_profile:profile_step", nproc, timeout_s=1200,
-                        env={"PYTHONPATH": str(REPO)}, overrides=overrides, micro_batch=micro_batch,
+    # The repository first, then whatever the caller put there (the GPU run's carried wheels).
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return run_on_ranks("benchmarks.step_profile:profile_step", nproc, timeout_s=timeout_s,
+                        env={"PYTHONPATH": path}, overrides=overrides, micro_batch=micro_batch,
                         seq=seq, micro_batches=micro_batches, warm=warm, measured=measured)
 
 
@@ -137,7 +140,7 @@ def mcore_steps(prof: list[dict], warm: int, tokens_per_step: int) -> dict:
             "tokens_per_s": round(tokens_per_step / step, 1)}
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2_shape_8l", choices=["smollm2_shape_8l", "smollm2", "tiny_dry", "llama_1b_6l"])
     parser.add_argument("--tokenizer", default=None, help="HF tokenizer folder for the data (default: SmolLM2's)")
@@ -154,9 +157,13 @@ def main() -> None:
                              "and an Adam step, no NeMo (seconds to start: the GPU script's dry run)")
     parser.add_argument("--cache-dir", default=os.environ.get("NEMO_UPCYCLE_CACHE", str(Path.home() / ".cache" / "nemo_upcycle")))
     parser.add_argument("--max-wait-min", type=float, default=60.0)
-    parser.add_argument("--timeout-min", type=float, default=30.0)
+    parser.add_argument("--timeout-min", type=float, default=30.0, help="longest training (or profiling) run")
+    parser.add_argument("--budget-min", type=float, default=None,
+                        help="everything ends within this many minutes of the start: each wait and run gets at most "
+                             "the time left, a run with under 10 s left is skipped (the GPU script's deadline)")
     parser.add_argument("--out", default=str(RESULTS / "train_throughput.json"))
     args = parser.parse_args()
+    deadline = time.monotonic() + args.budget_min * 60 if args.budget_min is not None else float("inf")
     os.chdir(REPO)
 
     import torch
@@ -193,40 +200,79 @@ def main() -> None:
 
     tokens_per_step = global_batch * args.seq
     runs: dict = {}
+
+    def left_s(limit_s: float) -> float:
+        return min(limit_s, deadline - time.monotonic())
+
     with tempfile.TemporaryDirectory(prefix="throughput-") as tmp:
         for name, layout in layouts.items():
-            overrides = base + layout + trainer + list(args.extra)
-            cfg = compose_config(overrides)
-            # fp32 weights, grads and Adam's two moments (16 bytes a parameter) + libraries
-            par = cfg.parallel
-            params = rank_params(cfg, 0, par.tp, par.ep, expert_tensor_parallel(par)).total
-            need = args.nproc * (16 * params + 1.2 * 2**30)
-            fits, reason = machine.wait_for_memory(int(need), max_wait_s=args.max_wait_min * 60, label=name)
-            if not fits:
-                runs[name] = {"status": "skipped", "reason": reason}
-                continue
-            print(f"== training {name} for {args.steps} steps on {args.nproc} ranks ({args.backend}) ...", flush=True)
-            t = time.perf_counter()
-            fpt = flops_per_token(cfg, args.seq, dense=(name == "dense")).training
-            if args.backend == "nemo":
-                records = train(overrides, args.nproc, Path(tmp) / name, args.timeout_min * 60)
-                summary = summarise_steps(records, args.warm, tokens_per_step)
-            else:
-                prof = profile(base + layout + list(args.extra), args.nproc, args.micro_batch, args.seq, 1,
-                               warm=args.warm, measured=max(1, args.steps - args.warm))
-                summary = mcore_steps(prof, args.warm, tokens_per_step)
-                summary["profile"] = prof
-            summary.update(status="ok", backend=args.backend, overrides=overrides,
-                           launch_wall_s=round(time.perf_counter() - t, 1),
-                           train_flops_per_token=fpt,
-                           mfu=round(fpt * summary["tokens_per_s"] / (peak_tflops * 1e12 * args.nproc), 5))
-            runs[name] = summary
-            print(f"   median step {summary['step_time_s_median']:.3f}s, {summary['tokens_per_s']:.0f} tok/s, "
-                  f"MFU {summary['mfu']:.2%} (logged {summary.get('mfu_logged_median')})", flush=True)
-            if not args.no_profile and args.backend == "nemo":
-                print(f"   profiling one forward+backward of {name} ...", flush=True)
-                prof = profile(base + layout + list(args.extra), args.nproc, args.micro_batch, args.seq, 1)
-                summary["profile"] = prof
+            # A run that fails (out of memory, a timeout) is recorded and the JSON written after
+            # every run: the other run's figures survive it, and a kill from outside.
+            try:
+                if left_s(args.timeout_min * 60) < 10:
+                    runs[name] = {"status": "skipped", "reason": f"no time left of the {args.budget_min} min budget"}
+                    continue
+                overrides = base + layout + trainer + list(args.extra)
+                cfg = compose_config(overrides)
+                # fp32 weights, grads and Adam's two moments (16 bytes a parameter) + libraries
+                par = cfg.parallel
+                params = rank_params(cfg, 0, par.tp, par.ep, expert_tensor_parallel(par)).total
+                need = args.nproc * (16 * params + 1.2 * 2**30)
+                fits, reason = machine.wait_for_memory(int(need), max_wait_s=max(left_s(args.max_wait_min * 60), 0),
+                                                       label=name)
+                if not fits:
+                    runs[name] = {"status": "skipped", "reason": reason}
+                    continue
+                timeout_s = left_s(args.timeout_min * 60)
+                print(f"== training {name} for {args.steps} steps on {args.nproc} ranks ({args.backend}, "
+                      f"limit {timeout_s:.0f}s) ...", flush=True)
+                t = time.perf_counter()
+                fpt = flops_per_token(cfg, args.seq, dense=(name == "dense")).training
+                if args.backend == "nemo":
+                    records = train(overrides, args.nproc, Path(tmp) / name, timeout_s)
+                    summary = summarise_steps(records, args.warm, tokens_per_step)
+                else:
+                    prof = profile(base + layout + list(args.extra), args.nproc, args.micro_batch, args.seq, 1,
+                                   warm=args.warm, measured=max(1, args.steps - args.warm), timeout_s=left_s(1200))
+                    summary = mcore_steps(prof, args.warm, tokens_per_step)
+                    summary["profile"] = prof
+                summary.update(status="ok", backend=args.backend, overrides=overrides,
+                               launch_wall_s=round(time.perf_counter() - t, 1),
+                               train_flops_per_token=fpt,
+                               mfu=round(fpt * summary["tokens_per_s"] / (peak_tflops * 1e12 * args.nproc), 5))
+                runs[name] = summary
+                print(f"   median step {summary['step_time_s_median']:.3f}s, {summary['tokens_per_s']:.0f} tok/s, "
+                      f"MFU {summary['mfu']:.2%} (logged {summary.get('mfu_logged_median')})", flush=True)
+                if not args.no_profile and args.backend == "nemo":
+                    print(f"   profiling one forward+backward of {name} ...", flush=True)
+                    try:
+                        summary["profile"] = profile(base + layout + list(args.extra), args.nproc, args.micro_batch,
+                                                     args.seq, 1, timeout_s=left_s(1200))
+                    except Exception as err:  # noqa: BLE001 (the measured run stands)
+                        summary["profile_error"] = f"{type(err).__name__}: {err}"[-3000:]
+            except Exception as err:  # noqa: BLE001 (recorded with the error's tail)
+                runs[name] = {"status": "failed", "reason": f"{type(err).__name__}: {err}"[-3000:]}
+                print(f"   {name} failed: {runs[name]['reason'][-1500:]}", flush=True)
+            finally:
+                write_doc(args, runs, info, peak_tflops, peak_source, global_batch, tokens_per_step)
+
+    out = write_doc(args, runs, info, peak_tflops, peak_source, global_batch, tokens_per_step)
+    doc = json.loads(out.read_text())
+    print(json.dumps({k: doc[k] for k in ("ratio",) if k in doc}, indent=2))
+    for name, r in runs.items():
+        if r.get("status") == "ok":
+            print(f"{name:<9} step {r['step_time_s_median']:.3f}s  {r['tokens_per_s']:.0f} tok/s  "
+                  f"FLOPs/token {r['train_flops_per_token'] / 1e9:.3f} G  MFU {r['mfu']:.2%} ({peak_source})")
+        else:
+            print(f"{name:<9} {r.get('status')}: {r.get('reason', '')[-500:]}")
+    print(f"wrote {out}")
+    return 1 if any(r.get("status") == "failed" for r in runs.values()) else 0
+
+
+def write_doc(args, runs: dict, info: dict, peak_tflops: float, peak_source: str, global_batch: int,
+              tokens_per_step: int) -> Path:
+    """The JSON as it stands (written after each run, so a later failure or kill keeps it)."""
+    import torch
 
     doc = {"benchmark": "train_throughput", "command": "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:]),
            "model": args.model, "nproc": args.nproc, "seq_length": args.seq, "micro_batch_size": args.micro_batch,
@@ -251,16 +297,11 @@ def main() -> None:
     info["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=2))
-    print(json.dumps({k: doc[k] for k in ("ratio",) if k in doc}, indent=2))
-    for name, r in runs.items():
-        if r.get("status") == "ok":
-            print(f"{name:<9} step {r['step_time_s_median']:.3f}s  {r['tokens_per_s']:.0f} tok/s  "
-                  f"FLOPs/token {r['train_flops_per_token'] / 1e9:.3f} G  MFU {r['mfu']:.2%} ({peak_source})")
-        else:
-            print(f"{name:<9} skipped: {r.get('reason')}")
-    print(f"wrote {out}")
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2))
+    tmp.replace(out)
+    return out
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

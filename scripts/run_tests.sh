@@ -15,4 +15,7 @@ export PYTHONWARNINGS=${PYTHONWARNINGS:-ignore}
 NEMO_UPCYCLE_CACHE=$(mktemp -d -t nemo-upcycle-cache.XXXXXX)
 export NEMO_UPCYCLE_CACHE
 trap 'rm -rf "$NEMO_UPCYCLE_CACHE"' EXIT
-.venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 "$@" tests
+# Two pytest-xdist workers, each taking whole files (their module fixtures are built once): half
+# of a serial run's time was one busy core (single-process tests, imports, file writes), which
+# the other worker now fills. The costly session fixtures are shared (tests/conftest.py).
+.venv/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --durations=15 "$@" tests

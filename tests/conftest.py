@@ -1,10 +1,18 @@
-"""Shared fixtures: tiny dense and MoE checkpoints saved by real megatron-core models."""
+"""Shared fixtures: tiny dense and MoE checkpoints saved by real megatron-core models.
+
+The suite runs on two pytest-xdist workers (scripts/run_tests.sh); the costly session
+fixtures are built once per run by whichever worker asks first (:func:`built_once`).
+"""
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
+from typing import Callable
 
 import pytest
+from filelock import FileLock
 
 from nemo_upcycle.testing.multirank import run_on_ranks
 
@@ -16,28 +24,53 @@ def tiny(path: Path | str, *more: str) -> list[str]:
     return TINY + [f"model.dense_checkpoint={path}", *more]
 
 
+def _shared_root(tmp_path_factory) -> Path:
+    """This run's temporary folder common to all pytest-xdist workers (each has one below it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """``name``'s folder, built by ``build(folder)`` once per test run: the first pytest-xdist
+    worker to ask builds it under a file lock, the other waits and gets the same folder (one
+    process without xdist builds it as before). A build that raised is retried by the next asker."""
+    root = _shared_root(tmp_path_factory)
+    folder, done = root / name, root / f"{name}.built"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_dense_ckpt(tmp_path_factory) -> Path:
     """A random tiny Llama saved as a torch_dist checkpoint at TP1."""
-    path = tmp_path_factory.mktemp("dense") / "ckpt"
-    run_on_ranks("tests.workers.upcycle_checks:save_dense", 1, timeout_s=180, overrides=tiny(path), path=str(path))
-    return path
+    def save(folder: Path) -> None:
+        run_on_ranks("tests.workers.upcycle_checks:save_dense", 1, timeout_s=180, overrides=tiny(folder / "ckpt"),
+                     path=str(folder / "ckpt"))
+
+    return built_once(tmp_path_factory, "dense", save) / "ckpt"
 
 
 @pytest.fixture(scope="session")
 def tiny_moe_ckpt(tiny_dense_ckpt, tmp_path_factory) -> Path:
     """The tiny dense model upcycled to E8T2 with expert noise, saved as an MoE checkpoint."""
-    path = tmp_path_factory.mktemp("moe") / "ckpt"
-    run_on_ranks(
-        "tests.workers.parallel_checks:save_moe_from_dense", 1, timeout_s=180,
-        overrides=tiny(tiny_dense_ckpt), dense_path=str(tiny_dense_ckpt), moe_path=str(path),
-    )
-    return path
+    def save(folder: Path) -> None:
+        run_on_ranks("tests.workers.parallel_checks:save_moe_from_dense", 1, timeout_s=180,
+                     overrides=tiny(tiny_dense_ckpt), dense_path=str(tiny_dense_ckpt), moe_path=str(folder / "ckpt"))
+
+    return built_once(tmp_path_factory, "moe", save) / "ckpt"
 
 
-# The README's main command as the first command on a fresh machine: its output, exit status
-# and wall time, when this session's cache_dir started empty (tests/test_first_run.py).
-FIRST_RUN: dict = {}
+@pytest.fixture(scope="session")
+def first_run(cache_dir, tmp_path_factory) -> dict:
+    """The README's main command as the first command on a fresh machine: its output, exit
+    status and wall time, when this run's cache_dir had no embedded import (else {}; tests/test_first_run.py)."""
+    record = _shared_root(tmp_path_factory) / "cache_filled" / "first_run.json"
+    return json.loads(record.read_text()) if record.exists() else {}
 
 
 @pytest.fixture(scope="session")
@@ -45,16 +78,25 @@ def cache_dir(tmp_path_factory) -> Path:
     """Where the embedded SmolLM2 import and tokenized data are cached: NEMO_UPCYCLE_CACHE
     (scripts/run_tests.sh makes it a new, empty folder on every run), else ~/.cache/nemo_upcycle.
 
-    An empty cache is filled the way a new user's first command fills it: the README's main
-    command under torchrun (2 ranks, 2 tiny steps), which imports the embedded model and
-    tokenizes the data on its rank 0; tests/test_first_run.py checks how that run went.
+    A cache without the embedded import is filled the way a new user's first command fills it:
+    the README's main command under torchrun (2 ranks, 2 tiny steps), which imports the embedded
+    model and tokenizes the data on its rank 0; tests/test_first_run.py checks how that run went.
     """
     from tests.workers.training_checks import run_readme_main_command
 
+    from nemo_upcycle.checkpoint.embedded import embedded_root
+
     path = Path(os.environ.get("NEMO_UPCYCLE_CACHE", Path.home() / ".cache" / "nemo_upcycle"))
     path.mkdir(parents=True, exist_ok=True)
-    if not any(path.iterdir()):
-        FIRST_RUN.update(run_readme_main_command(path, tmp_path_factory.mktemp("first_run")))
+
+    def fill(folder: Path) -> None:
+        # Not yet imported is what makes the first run (tests that never need the embedded model,
+        # e.g. evaluate's tiny ones on the other worker, may already have cached files of their own).
+        if not embedded_root(path, "smollm2_135m").exists():
+            run = run_readme_main_command(path, folder / "run")
+            (folder / "first_run.json").write_text(json.dumps(run))
+
+    built_once(tmp_path_factory, "cache_filled", fill)
     return path
 
 
@@ -64,10 +106,13 @@ def tiny_smollm_vocab(tmp_path_factory, cache_dir):
     from nemo_upcycle.checkpoint.embedded import ensure_embedded
 
     tokenizer = ensure_embedded("embedded:smollm2_135m", cache_dir)["hf"]
-    path = tmp_path_factory.mktemp("tiny_vocab") / "dense"
-    overrides = ["model=tiny_llama", "model.vocab_size=49152", f"model.dense_checkpoint={path}"]
-    run_on_ranks("tests.workers.upcycle_checks:save_dense", 1, timeout_s=180, overrides=overrides, path=str(path))
-    return path, tokenizer
+
+    def save(folder: Path) -> None:
+        path = folder / "dense"
+        overrides = ["model=tiny_llama", "model.vocab_size=49152", f"model.dense_checkpoint={path}"]
+        run_on_ranks("tests.workers.upcycle_checks:save_dense", 1, timeout_s=180, overrides=overrides, path=str(path))
+
+    return built_once(tmp_path_factory, "tiny_vocab", save) / "dense", tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -108,7 +153,9 @@ PP2 = ["parallel.pp=2", "trainer.recompute=full"]
 def _reference_run(name, layout, tiny_smollm_vocab, cache_dir, tmp_path_factory):
     from tests.workers.training_checks import ReferenceRun
 
-    return ReferenceRun(tmp_path_factory.mktemp(name), tiny_smollm_vocab, cache_dir, layout)
+    root = built_once(tmp_path_factory, name,
+                      lambda folder: ReferenceRun.train(folder, tiny_smollm_vocab, cache_dir, layout))
+    return ReferenceRun(root, tiny_smollm_vocab[1], layout)
 
 
 @pytest.fixture(scope="session")
@@ -128,8 +175,6 @@ def pp2_reference_run(tiny_smollm_vocab, cache_dir, tmp_path_factory):
 
 def write_news_jsonl(path: Path, documents: slice = slice(None), field: str = "body") -> list[str]:
     """gensim's Lee news corpus (one article a line) as JSONL, its text under ``field``; returns the texts."""
-    import json
-
     from nemo_upcycle.data.assets import heldout_news_text
 
     texts = [t for t in heldout_news_text().read_text(encoding="utf-8").splitlines() if t.strip()][documents]
@@ -147,13 +192,18 @@ def prepared_news(tmp_path_factory, cache_dir) -> dict:
     from nemo_upcycle.checkpoint.embedded import ensure_embedded
 
     tokenizer = ensure_embedded("embedded:smollm2_135m", cache_dir)["hf"]
-    root = tmp_path_factory.mktemp("prepared_news")
-    jsonl = root / "news.jsonl"
-    texts = write_news_jsonl(jsonl)
-    cmd = [sys.executable, "-m", "nemo_upcycle.prepare_data", f"data.jsonl={jsonl}", "data.text_field=body",
-           f"data.output_prefix={root / 'news'}", f"model.tokenizer={tokenizer}", "data.workers=2"]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=300,
-                         env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert out.returncode == 0, out.stderr[-3000:]
-    return {"prefix": root / "news_body_document", "jsonl": jsonl, "texts": texts, "tokenizer": tokenizer,
-            "stdout": out.stdout}
+
+    def prepare(root: Path) -> None:
+        write_news_jsonl(root / "news.jsonl")
+        cmd = [sys.executable, "-m", "nemo_upcycle.prepare_data", f"data.jsonl={root / 'news.jsonl'}",
+               "data.text_field=body", f"data.output_prefix={root / 'news'}", f"model.tokenizer={tokenizer}",
+               "data.workers=2"]
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=300,
+                             env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert out.returncode == 0, out.stderr[-3000:]
+        (root / "stdout.txt").write_text(out.stdout)
+
+    root = built_once(tmp_path_factory, "prepared_news", prepare)
+    texts = [json.loads(line)["body"] for line in (root / "news.jsonl").read_text().splitlines()]
+    return {"prefix": root / "news_body_document", "jsonl": root / "news.jsonl", "texts": texts,
+            "tokenizer": tokenizer, "stdout": (root / "stdout.txt").read_text()}

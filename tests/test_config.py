@@ -95,6 +95,9 @@ def _problems(*overrides, world_size=None):
     (["trainer.precision=bf16-mixed"], None, "trainer.precision=bf16-mixed must be one of auto, bf16, fp32"),
     # evaluation settings fail with the rest, before any weight is read
     (["eval.mmlu.scoring=cloze"], None, "eval.mmlu.scoring=cloze must be loglik or letter"),
+    # a split megatron could not train on (a division by zero in the data budget otherwise)
+    (["data.split='0,5,5'"], None, "gives training no share of the data"),
+    (["data.split=most"], None, "must be the train,validation,test weights"),
     # activation recomputation, by megatron-core's TransformerConfig rules (which fire only at build)
     (["trainer.recompute=partial"], None, "trainer.recompute=partial must be one of none, selective, full"),
     (["trainer.recompute=selective", "trainer.recompute_modules=[core_attn,mla_up_proj]"], None,
@@ -102,6 +105,8 @@ def _problems(*overrides, world_size=None):
     (["trainer.recompute=selective", "trainer.recompute_modules=[]"], None, "trainer.recompute_modules=[]: empty"),
     (["trainer.recompute=selective", "trainer.recompute_modules=[moe_act]"], None,
      "moe_act, which megatron-core recomputes only in grouped-GEMM experts"),
+    (["moe=dense", "trainer.recompute=selective", "trainer.recompute_modules=[moe_act]"], None,
+     "moe_act and the model has no experts"),
     (["trainer.recompute=full", "trainer.recompute_method=interleaved"], None, "must be uniform"),
     (["trainer.recompute=full", "parallel.pp=2", "trainer.recompute_num_layers=3"], None,
      "between 1 and the 2 layers of a pipeline chunk"),

@@ -2,6 +2,7 @@
 start-up, a run that would repeat it too often refused (exit 2, no traceback, nothing
 written), JSONL tokens keyed by the files' content, prepare_data's .bin/.idx."""
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -52,11 +53,17 @@ def _train_all(runs: dict, tmp_path: Path) -> dict:
         procs[name] = (cwd, subprocess.Popen(
             [sys.executable, "-m", "nemo_upcycle.train", *overrides, f"log_dir={tmp_path / name / 'run'}"],
             cwd=cwd, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env=dict(os.environ, OMP_NUM_THREADS="1")))
+            env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True))
     done = {}
-    for name, (cwd, proc) in procs.items():
-        stdout, stderr = proc.communicate(timeout=300)
-        done[name] = (subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), cwd)
+    try:
+        for name, (cwd, proc) in procs.items():
+            stdout, stderr = proc.communicate(timeout=300)
+            done[name] = (subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), cwd)
+    finally:  # a timeout leaves none of them running
+        for _, proc in procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
     return done
 
 

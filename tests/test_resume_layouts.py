@@ -71,7 +71,8 @@ def test_a_checkpoint_resumes_exports_and_loads_under_the_other_layer_specs_name
     are the uninterrupted run's, bit for bit. The checkpoint it writes (TE names, recorded in its
     context) exports to Hugging Face with transformers' logits equal to megatron-core's, the
     model there built with the local spec's names again; and with one model weight taken out of
-    its metadata, ``evaluate`` refuses it naming the key (exit 2, no traceback)."""
+    its metadata, ``evaluate`` and a relaunch of training refuse it naming the key (exit 2, no
+    traceback)."""
     import os
     import pickle
     import shutil
@@ -118,3 +119,14 @@ def test_a_checkpoint_resumes_exports_and_loads_under_the_other_layer_specs_name
     assert ("1 model tensor(s) missing from the checkpoint: decoder.layers.0.mlp.linear_fc1.layer_norm_weight"
             in refused.stderr), refused.stderr[-3000:]
     assert "Traceback" not in refused.stderr + refused.stdout
+    # A relaunch of training on it refuses too, before its first step (1 rank, EP1): megatron-core
+    # alone would log the key and train on with that norm at its initial 1.0.
+    relaunch = tmp_path / "relaunch"
+    shutil.copytree(broken, relaunch / "upcycle" / "checkpoints" / last.name, copy_function=os.link)
+    refused = run_cli("nemo_upcycle.train", *tiny_training_overrides(
+        tiny_smollm_vocab, cache_dir, relaunch, *ep2_reference_run.layout, "parallel.ep=1", "trainer.max_steps=9"))
+    assert refused.returncode == 2, (refused.stdout[-3000:], refused.stderr[-3000:])
+    # (named as the model asks for it: NeMo's training model prefixes its keys with module.)
+    assert ("1 model tensor(s) missing from the checkpoint: module.decoder.layers.0.mlp.linear_fc1.layer_norm_weight"
+            in refused.stderr), refused.stderr[-3000:]
+    assert "Traceback" not in refused.stderr + refused.stdout and not (relaunch / "metrics.jsonl").exists()

@@ -75,6 +75,7 @@ ls -l "$WHEELS"/*.whl | awk '{printf "%8.2f MB  %s\n", $5 / 1e6, $NF}'
 du -cb "$WHEELS"/*.whl | tail -1 | awk '{printf "total %.1f MB (%.1f MiB) in %d wheels\n", $1 / 1e6, $1 / 2^20, '"$found"'}'
 # What the device tool carries: tracked and untracked-not-ignored files, plus the carried wheels.
 REPO=$(cd "$HERE/../.." && pwd)
-tree=$(git -C "$REPO" ls-files -z -co --exclude-standard | (cd "$REPO" && du -cb --files0-from=- 2>/dev/null) | tail -1 | cut -f1)
+# (du exits 1 on a tracked file deleted in the working tree: counted without it, never an abort)
+tree=$(git -C "$REPO" ls-files -z -co --exclude-standard | (cd "$REPO" && du -cb --files0-from=- 2>/dev/null || true) | tail -1 | cut -f1)
 wheels=$(du -cb "$WHEELS"/*.whl | tail -1 | cut -f1)
 awk -v t="$tree" -v w="$wheels" 'BEGIN { printf "carried: working tree %.1f MiB + wheels %.1f MiB = %.1f MiB of the device tool'"'"'s 64 MiB\n", t / 2^20, w / 2^20, (t + w) / 2^20 }'

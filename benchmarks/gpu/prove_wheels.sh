@@ -15,7 +15,7 @@ set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 VENV=${PROOF_VENV:-/tmp/gpu-proof-venv}
 SITE=${PROOF_SITE:-$VENV.carried}
-PY312=${PYTHON312:-$(ls -d "$HOME"/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | tail -1)}
+PY312=${PYTHON312:-$(ls -d "$HOME"/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | sort -V | tail -1 || true)}
 # The image's packages (KINDS.md's list without the JAX, CuPy, ONNX Runtime, OpenCV, MPI and
 # Gaussian-process families, which nothing here imports); versions where KINDS.md names them.
 # Only names from that list: a package the image lacks must never make the proof pass.

@@ -18,10 +18,17 @@
 # lease (transformer-engine-torch ships only as source to compile), so megatron-core's local
 # layer spec runs, and the output says so.
 #
+# Time: the device tool's call is killed at its timeout_s (560 s), so the run has one deadline,
+# DEVICE_RUN_BUDGET_S seconds (default 470 on the GPU, 780 in a dry run) counted from this
+# script's start (DEVICE_RUN_STARTED, set here): each step gets min(its own limit, the time
+# left), a step with too little left is recorded as skipped, and $OUT/device_run.json is
+# rewritten after every step. Each step's output streams to $OUT/<step>.log as it runs.
+#
 # Environment: OUT (default benchmarks/results/gpu; the device tool sets it), PYTHON
 # (python3 there, the project's .venv in a dry run), WHEELS (benchmarks/gpu/wheels),
-# SITE (/tmp/gpu-site), WORK (scratch; default a temporary folder).
+# SITE (/tmp/gpu-site), WORK (scratch; default a temporary folder), DEVICE_RUN_BUDGET_S.
 set -euo pipefail
+export DEVICE_RUN_STARTED=${DEVICE_RUN_STARTED:-$(date +%s)}
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$REPO"
 DRY_RUN=${DRY_RUN:-0}
@@ -45,13 +52,22 @@ else
   PY=${PYTHON:-python3}
   OUT=${OUT:-$REPO/benchmarks/results/gpu}
   mkdir -p "$OUT"
+  # A setup failure still leaves $OUT/device_run.json (and setup.log) saying why.
+  setup_failed() {
+    echo "$1" | tee -a "$OUT/setup.log"
+    printf '{"benchmark": "gpu device run", "setup_error": "%s", "steps": {}, "failed_steps": ["setup"]}\n' \
+      "$(printf '%s' "$1" | tr -d '"\\')" > "$OUT/device_run.json"
+    exit 2
+  }
   "$PY" -c 'import sys; assert sys.version_info[:2] == (3, 12), sys.version' \
-    || { echo "needs the lent image's Python 3.12 (PYTHON=$PY)"; exit 2; }
+    || setup_failed "needs the lent image's Python 3.12 (PYTHON=$PY)"
   ls "$WHEELS"/*.whl >/dev/null 2>&1 \
-    || { echo "no wheels in $WHEELS: run benchmarks/gpu/fetch_wheels.sh here and carry that folder"; exit 2; }
-  "$PY" "${install[@]}" "$WHEELS"/*.whl
+    || setup_failed "no wheels in $WHEELS: run benchmarks/gpu/fetch_wheels.sh here and carry that folder"
+  "$PY" "${install[@]}" "$WHEELS"/*.whl 2>&1 | tee "$OUT/setup.log" \
+    || setup_failed "pip install of the carried wheels failed (setup.log)"
   export PYTHONPATH="$SITE:$REPO"
-  "$PY" -c 'import torch; assert torch.cuda.is_available(), "no GPU visible"'
+  "$PY" -c 'import torch; assert torch.cuda.is_available(), "no GPU visible"' 2>&1 | tee -a "$OUT/setup.log" \
+    || setup_failed "torch sees no GPU (setup.log)"
   # megatron-core 0.15.3 compiles a small CUDA allocator extension (nvcc) the first time it is
   # imported (inference/unified_memory.py; cached in ~/.cache/torch_extensions): for the
   # H100/H200's architecture only.
@@ -63,5 +79,5 @@ export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 set +e
 "$PY" benchmarks/gpu/device_run.py --out "$OUT" "${ARGS[@]}" 2>&1 | tee "$OUT/device_run.log"
 status=${PIPESTATUS[0]}
-echo "results in $OUT (device_run.json, device_run.log); exit $status"
+echo "results in $OUT (device_run.json, device_run.log, one <step>.log per step); exit $status"
 exit "$status"

@@ -3,7 +3,7 @@
 Tokenizes JSONL text into megatron-core's indexed dataset, ``<prefix>_<text_field>_document``
 ``.bin/.idx`` (the name Megatron-LM's ``tools/preprocess_data.py`` gives it), with
 ``data.workers`` processes and a progress bar, ahead of the training job: the job then
-trains on ``data.paths=<prefix>_text_document`` and no rank tokenizes. The tokenizer is the
+trains on ``data.paths=<prefix>_<text_field>_document`` and no rank tokenizes. The tokenizer is the
 job's (``model.tokenizer``, else the one beside ``model.dense_checkpoint``); each document
 gets an end-of-document token. ``data.text_field`` names the JSON field (default ``text``).
 """

@@ -135,8 +135,8 @@ def blend_prefixes(paths: list) -> list[str]:
 
 
 def blend_weights(paths: list) -> list[float]:
-    """Each prefix's share of the training samples: its weight normalised, or, unweighted,
-    its share of all tokens (megatron then blends whole datasets by size)."""
+    """Each prefix's share of the training samples, its weight normalised; [] when the paths
+    carry no weights (megatron then blends whole datasets by size: data/epochs.py counts that)."""
     weights = [float(p) for p in paths if _is_number(p)]
     if weights:
         return [w / sum(weights) for w in weights]

@@ -17,7 +17,7 @@ import torch
 class LayerRouterStats:
     tokens: float = 0.0  # tokens routed (each counted once)
     assignments: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # per expert
-    entropy_sum: float = 0.0
+    entropy_sum: float | torch.Tensor = 0.0  # a tensor on the routing map's device while collecting
     topk: int = 1
 
     @property
@@ -32,7 +32,7 @@ class LayerRouterStats:
 
     @property
     def mean_entropy(self) -> float:
-        return self.entropy_sum / self.tokens if self.tokens else 0.0
+        return float(self.entropy_sum) / self.tokens if self.tokens else 0.0
 
     @property
     def max_load_ratio(self) -> float:
@@ -75,13 +75,14 @@ class RouterStatsCollector:
             stats = self.layers.get(layer)
             if stats is None:
                 stats = self.layers[layer] = LayerRouterStats(
-                    # On the routing map's device: one add per forward, no copy to the host.
+                    # On the routing map's device: adds per forward, no copy to the host (no GPU sync).
                     assignments=torch.zeros(routing_map.shape[-1], dtype=torch.float64, device=routing_map.device),
+                    entropy_sum=torch.zeros((), dtype=torch.float64, device=routing_map.device),
                     topk=router.topk,
                 )
             stats.tokens += float(routing_map.shape[0])
             stats.assignments += routing_map.sum(0).to(torch.float64)
-            stats.entropy_sum += float(entropy.sum())
+            stats.entropy_sum += entropy.sum().to(torch.float64)
 
         return hook
 

@@ -204,8 +204,9 @@ def stored_key(key: str) -> str:
 def checkpoint_spellings(requested: Iterable[str], checkpoint_keys: Iterable[str]) -> dict[str, str]:
     """Requested key -> the checkpoint's key for the same tensor, where the spellings differ.
 
-    The other layer spec's norm name, NeMo's ``module.`` prefix present on one side only,
-    and optimizer states that embed such a key. A requested key the checkpoint lacks in
+    The other layer spec's norm name (also inside the optimizer states' keys, which embed the
+    parameter's), and NeMo's leading ``module.`` prefix present on one side only (a model key:
+    both sides of an optimizer state are NeMo's). A requested key the checkpoint lacks in
     every spelling is left out (the strict check reports it).
     """
     by_canonical = {canonical_key(k): k for k in map(stored_key, checkpoint_keys)}

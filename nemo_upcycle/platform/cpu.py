@@ -57,7 +57,7 @@ def enable_cpu_support() -> bool:
     _patch_uneven_collectives()
     _CudaLiteralsToCpu().__enter__()  # stays active for the life of the process
     _ENABLED = True
-    log.info("megatron-core CPU support enabled (gloo backend, local layer specs)")
+    log.info("megatron-core CPU support enabled (gloo backend)")
     return True
 
 

@@ -1,6 +1,6 @@
 """Where the project's tensors live: the one home for devices.
 
-Every tensor the project creates or moves is placed by one of these functions, so the same
+Every tensor that meets the model's is placed by one of these functions, so the same
 code runs on a CPU with gloo (where all of them answer "cpu" and nothing moves: results are
 bit-identical to plain host code) and on a GPU with NCCL:
 
@@ -10,8 +10,8 @@ bit-identical to plain host code) and on a GPU with NCCL:
   backend (NCCL: the CUDA device; gloo: the host), so statistics reduced over the training
   job's gloo side group stay on the host while verify's reductions over NCCL go to the GPU.
 * :func:`host_buffer` / :func:`file_bytes_into`: checkpoint bytes land in host memory (pinned
-  when CUDA is in use, so the copy into the parameter is one DMA) and are then copied into the
-  parameter; only a host parameter is read into directly (no ``.numpy()`` on a CUDA tensor).
+  where they go on to a GPU parameter whole, so that copy is one DMA) and are then copied into
+  the parameter; only a host parameter is read into directly (no ``.numpy()`` on a CUDA tensor).
 * :func:`like`: host-drawn values (seeded CPU generators: the same numbers on every machine)
   onto the device and dtype of the tensor they are added to.
 * :func:`to_host`: results that leave the model (scores, statistics) back on the host.
@@ -56,17 +56,20 @@ def like(values: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return values.to(device=target.device, dtype=target.dtype)
 
 
-def host_buffer(shape, dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised host tensor that file bytes are read into before they go to the
-    compute device: page-locked when CUDA is in use (the copy to the GPU is then one DMA, not
-    a staged one), plain memory on a CPU machine."""
-    return torch.empty(shape, dtype=dtype, pin_memory=gpu_available())
+def host_buffer(shape, dtype: torch.dtype, staging_for_gpu: bool = False) -> torch.Tensor:
+    """An uninitialised host tensor that file bytes are read into. ``staging_for_gpu``: the
+    bytes go straight on to a GPU tensor as they are, so the buffer is page-locked (one DMA
+    instead of a staged copy). Only then: torch caches freed pinned blocks for the life of the
+    process, and a buffer that is sliced (a chunk) or stays on the host gains nothing from it."""
+    return torch.empty(shape, dtype=dtype, pin_memory=staging_for_gpu and gpu_available())
 
 
 def host_bytes(tensor: torch.Tensor) -> memoryview:
     """The writable bytes of a contiguous host tensor (for ``readinto``)."""
-    if tensor.device.type != "cpu":
-        raise ValueError(f"host_bytes needs a host tensor, got one on {tensor.device}")
+    if tensor.device.type != "cpu" or not tensor.is_contiguous():
+        # reshape(-1) of a non-contiguous tensor would be a copy: the bytes would land in a temporary.
+        raise ValueError(f"host_bytes needs a contiguous host tensor, got one on {tensor.device} "
+                         f"(contiguous: {tensor.is_contiguous()})")
     return memoryview(tensor.detach().reshape(-1).view(torch.uint8).numpy())
 
 
@@ -79,7 +82,7 @@ def file_bytes_into(readinto: Callable[[memoryview], None], dst: torch.Tensor) -
     if dst.device.type == "cpu":
         readinto(host_bytes(dst))
         return
-    staging = host_buffer(dst.shape, dst.dtype)
+    staging = host_buffer(dst.shape, dst.dtype, staging_for_gpu=True)
     readinto(host_bytes(staging))
     dst.copy_(staging)
 

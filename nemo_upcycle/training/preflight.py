@@ -141,11 +141,16 @@ def _params(cfg: Any) -> str:
 
 
 def check_tokenizer(cfg: Any) -> None:
+    from omegaconf import OmegaConf
+
     from nemo_upcycle.checkpoint.tokenizer_files import tokenizer_folder
 
     if tokenizer_folder(cfg, import_embedded=False) is None:
+        # A relaunch's dense_checkpoint is MISSING (the trained checkpoint stands alone): select, not read.
+        dense = OmegaConf.select(cfg, "model.dense_checkpoint", default=None)
+        beside = f"beside model.dense_checkpoint={dense}" if dense else "in the checkpoint's context"
         raise PreflightError(
-            f"training needs a tokenizer and none lies beside model.dense_checkpoint={cfg.model.dense_checkpoint}: "
+            f"training needs a tokenizer and none lies {beside}: "
             "set model.tokenizer=<a Hugging Face tokenizer folder>"
         )
 

@@ -90,7 +90,10 @@ def recompute_problems(cfg: Any) -> list[str]:
                 f"trainer.recompute_modules=[{','.join(map(str, modules))}]: "
                 + (f"{', '.join(map(str, unknown))} not available; " if unknown else "empty; ")
                 + "choose from " + "; ".join(f"{m} ({what})" for m, what in RECOMPUTE_MODULES.items()))
-        if "moe_act" in modules and not _grouped_gemm_experts():
+        if "moe_act" in modules and cfg.moe.num_experts == 0:
+            problems.append("trainer.recompute_modules contains moe_act and the model has no experts "
+                            "(moe.num_experts=0): drop moe_act")
+        elif "moe_act" in modules and not _grouped_gemm_experts():
             problems.append("trainer.recompute_modules contains moe_act, which megatron-core recomputes only in "
                             "grouped-GEMM experts, and this machine runs the sequential ones (no GPU or no "
                             "Transformer Engine); drop moe_act or use trainer.recompute=full")
