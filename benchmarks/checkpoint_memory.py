@@ -127,7 +127,7 @@ def generate_llama(folder: Path, layers: int, hidden: int, ffn: int, heads: int,
 
 
 def largest_tensor_bytes(folder: Path) -> int:
-    from nemo_upcycle.checkpoint.safetensors_source import HFFolder
+    from nemo_upcycle.checkpoint.sources.hf_safetensors import HFFolder
 
     hf = HFFolder(folder)
     return max(4 * _numel(shape) for _, shape, _ in hf.tensors.values())
@@ -173,13 +173,13 @@ def main() -> None:
         baseline_code = (
             "import torch, transformers, safetensors, megatron.core.dist_checkpointing\n"
             "import nemo_upcycle.cli.import_dense, nemo_upcycle.cli.export_hf\n"
-            "from nemo_upcycle.checkpoint.dist_writer import meta_model_template\n"
+            "from nemo_upcycle.checkpoint.convert.dist_writer import meta_model_template\n"
             "meta_model_template(['model=smollm2_135m', 'model.dense_checkpoint=none', 'moe=e8t2'])\n"
         )
         row("baseline (libraries + meta template, no weights)", 0, 0, measure([py, "-c", baseline_code]))
 
         if not args.skip_smollm2:
-            from nemo_upcycle.checkpoint.embedded import ensure_embedded
+            from nemo_upcycle.checkpoint.sources.embedded import ensure_embedded
 
             hf = ensure_embedded("embedded:smollm2_135m", args.cache_dir)["hf"]
             dense = work / "smollm2_dense"

@@ -38,7 +38,7 @@ RESULTS = REPO / "benchmarks" / "results" / "export_memory.json"
 BASELINE = (
     "import torch, transformers, safetensors, megatron.core.dist_checkpointing\n"
     "import nemo_upcycle.cli.export_hf\n"
-    "from nemo_upcycle.checkpoint.dist_writer import meta_model_template\n"
+    "from nemo_upcycle.checkpoint.convert.dist_writer import meta_model_template\n"
     "meta_model_template({overrides!r})\n"
 )
 TRAIN = ["moe=e8t2", "router=topk_softmax", "parallel.ep=2", "trainer.max_steps=2", "trainer.micro_batch_size=1",
@@ -53,7 +53,7 @@ def export_cmd(*args: str) -> list[str]:
 
 def trained_case(work: Path, cache_dir: Path) -> tuple[str, Path, Path]:
     """Train SmolLM2's 8-layer shape as E8T2 with NeMo; (case name, run dir, export dir)."""
-    from nemo_upcycle.checkpoint.embedded import ensure_embedded
+    from nemo_upcycle.checkpoint.sources.embedded import ensure_embedded
 
     shape = "smollm2_shape_8l"
     tokenizer = ensure_embedded("embedded:smollm2_135m", cache_dir)["hf"]

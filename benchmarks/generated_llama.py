@@ -74,7 +74,7 @@ def _values(key: str, offsets: tuple, shape: tuple):
 
 def generate(name: str, cache_dir: Path | None = None) -> Path:
     """Write the checkpoint unless it exists; returns its path. Run in its own process."""
-    from nemo_upcycle.checkpoint.dist_writer import meta_model_template, write_streaming
+    from nemo_upcycle.checkpoint.convert.dist_writer import meta_model_template, write_streaming
 
     out = checkpoint_path(name, cache_dir)
     if (out / ".metadata").is_file():

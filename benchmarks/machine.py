@@ -42,7 +42,7 @@ def describe() -> dict:
         nemo = _v("nemo_toolkit")
     except Exception:  # noqa: BLE001
         nemo = "not installed"
-    from nemo_upcycle.model.modeling import transformer_engine_available
+    from nemo_upcycle.model.fused_paths import transformer_engine_available
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return {

@@ -59,7 +59,7 @@ def model_overrides(model: str, cache_dir: Path, with_tokenizer: bool = True,
     out = shape_overrides(model, ensure(model, cache_dir))
     if with_tokenizer:
         if tokenizer is None:
-            from nemo_upcycle.checkpoint.embedded import ensure_embedded
+            from nemo_upcycle.checkpoint.sources.embedded import ensure_embedded
 
             tokenizer = ensure_embedded("embedded:smollm2_135m", cache_dir)["hf"]
         out.append(f"model.tokenizer={tokenizer}")
@@ -124,7 +124,7 @@ def summarise_steps(records: list[dict], warm: int, tokens_per_step: int) -> dic
 
 def profile(overrides: list[str], nproc: int, micro_batch: int, seq: int, micro_batches: int,
             warm: int = 2, measured: int = 3, timeout_s: float = 1200) -> list[dict]:
-    from nemo_upcycle.testing.multirank import run_on_ranks
+    from tests.support.multirank import run_on_ranks
 
     # The repository first, then whatever the caller put there (the GPU run's carried wheels).
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
@@ -169,8 +169,8 @@ def main() -> int:
     import torch
 
     from nemo_upcycle.config.compose import compose_config
-    from nemo_upcycle.capacity.flops import flops_per_token
-    from nemo_upcycle.capacity.params import rank_params
+    from nemo_upcycle.planner.flops import flops_per_token
+    from nemo_upcycle.planner.params import rank_params
     from nemo_upcycle.config.parallel_sizes import expert_tensor_parallel
 
     info = machine.describe()

@@ -61,7 +61,7 @@ LAYOUTS = {
 def dense_checkpoint(model: str, cache_dir: Path) -> tuple[Path, list[str]]:
     """The dense checkpoint of ``model`` (made or imported on first use) and its model overrides."""
     if model in ("smollm2", "smollm2_135m"):
-        from nemo_upcycle.checkpoint.embedded import ensure_embedded
+        from nemo_upcycle.checkpoint.sources.embedded import ensure_embedded
 
         path = ensure_embedded("embedded:smollm2_135m", cache_dir)["torch_dist"]
         return path, ["model=smollm2_135m", f"model.dense_checkpoint={path}"]
@@ -73,7 +73,7 @@ def dense_checkpoint(model: str, cache_dir: Path) -> tuple[Path, list[str]]:
 
 def memory_need(overrides: list[str], nproc: int) -> dict[str, int]:
     """Rough total bytes each path needs on the machine (all ranks), from parameter counts."""
-    from nemo_upcycle.capacity.params import rank_params
+    from nemo_upcycle.planner.params import rank_params
     from nemo_upcycle.config.compose import compose_config
     from nemo_upcycle.config.parallel_sizes import expert_tensor_parallel
 
@@ -93,7 +93,7 @@ def memory_need(overrides: list[str], nproc: int) -> dict[str, int]:
 
 
 def run_path(path: str, nproc: int, overrides: list[str], dense_path: Path) -> dict:
-    from nemo_upcycle.testing.multirank import run_on_ranks
+    from tests.support.multirank import run_on_ranks
 
     started = time.perf_counter()
     ranks = run_on_ranks(

@@ -1,7 +1,7 @@
 """The five ways to get an upcycled (or dense) model into memory, measured on one rank.
 
 Run on every rank by ``benchmarks/upcycle_cost.py`` through
-``nemo_upcycle.testing.multirank.run_on_ranks`` (one fresh torchrun job per path):
+``tests.support.multirank.run_on_ranks`` (one fresh torchrun job per path):
 
 a ``ours``      build the MoE chunk as the product does (no random init: every value is
                 written by the fill), then :func:`upcycle_from_dense` (sharded slice reads);
@@ -42,7 +42,7 @@ class InMemoryDense:
         return {k: tuple(t.shape) for k, t in self.tensors.items()}
 
     def read(self, requests):
-        from nemo_upcycle.upcycle.sources import ReadStats, narrow_tensor_by_index
+        from nemo_upcycle.checkpoint.sources.slices import ReadStats, narrow_tensor_by_index
 
         stats = ReadStats()
         for req in requests:
@@ -55,7 +55,7 @@ class InMemoryDense:
 
 def _read_everything(source) -> dict[str, torch.Tensor]:
     """Every tensor of the dense checkpoint at full size (what a converter script loads)."""
-    from nemo_upcycle.upcycle.sources import SliceRequest
+    from nemo_upcycle.checkpoint.sources.slices import SliceRequest
 
     full = {key: torch.empty(shape) for key, shape in source.tensor_shapes().items()}
     source.read([SliceRequest(key, (0,) * t.dim(), t) for key, t in full.items()])
@@ -92,7 +92,7 @@ def measure(path: str, overrides: list[str], dense_path: str) -> dict:
     from nemo_upcycle.model.modeling import build_model_chunks, build_transformer_config
     from nemo_upcycle.platform.distributed import setup_parallel, teardown_parallel
     from nemo_upcycle.upcycle.engine import upcycle_from_dense
-    from nemo_upcycle.upcycle.sources import TorchDistCheckpoint
+    from nemo_upcycle.checkpoint.sources.torch_dist import TorchDistCheckpoint
     from megatron.core.transformer.moe import upcycling_utils  # noqa: F401  (import cost before baseline)
 
     cfg = compose_config(overrides)

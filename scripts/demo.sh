@@ -16,7 +16,7 @@ echo "== 1/3 upcycle online and train: torchrun --nproc_per_node=$NPROC -m nemo_
 $PY -m torch.distributed.run --nproc_per_node="$NPROC" -m nemo_upcycle.train "${COMMON[@]}"
 
 LAST=$(ls -d "$LOG_DIR"/upcycle/checkpoints/*-last 2>/dev/null | sort | tail -n 1)
-PPL=(eval.mmlu.num_questions=0 eval.ppl.max_tokens=8192)
+PPL=('eval.tasks=[heldout_news]')
 echo "== 2/3 held-out perplexity of the dense SmolLM2 (before)"
 $PY -m torch.distributed.run --nproc_per_node="$NPROC" -m nemo_upcycle.evaluate "${COMMON[@]}" moe=dense parallel.ep=1 \
   "${PPL[@]}" "log_dir=$LOG_DIR/eval_dense" | tee "$LOG_DIR/ppl_before.txt"

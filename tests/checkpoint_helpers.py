@@ -36,7 +36,8 @@ def import_dense(source: Path | str, output_dir: Path, *more: str) -> str:
 
 def read_all(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a torch_dist checkpoint (small checkpoints only)."""
-    from nemo_upcycle.upcycle.sources import SliceRequest, TorchDistCheckpoint
+    from nemo_upcycle.checkpoint.sources.slices import SliceRequest
+    from nemo_upcycle.checkpoint.sources.torch_dist import TorchDistCheckpoint
 
     ckpt = TorchDistCheckpoint(path)
     out = {}

@@ -14,7 +14,7 @@ from typing import Callable
 import pytest
 from filelock import FileLock
 
-from nemo_upcycle.testing.multirank import run_on_ranks
+from tests.support.multirank import run_on_ranks
 
 TINY = ["model=tiny_llama"]
 REPO = Path(__file__).resolve().parents[1]
@@ -84,7 +84,7 @@ def cache_dir(tmp_path_factory) -> Path:
     """
     from tests.workers.training_checks import run_readme_main_command
 
-    from nemo_upcycle.checkpoint.embedded import embedded_root
+    from nemo_upcycle.checkpoint.sources.embedded import embedded_root
 
     path = Path(os.environ.get("NEMO_UPCYCLE_CACHE", Path.home() / ".cache" / "nemo_upcycle"))
     path.mkdir(parents=True, exist_ok=True)
@@ -103,7 +103,7 @@ def cache_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_smollm_vocab(tmp_path_factory, cache_dir):
     """A random tiny dense Llama with SmolLM2's vocabulary, and SmolLM2's tokenizer folder."""
-    from nemo_upcycle.checkpoint.embedded import ensure_embedded
+    from nemo_upcycle.checkpoint.sources.embedded import ensure_embedded
 
     tokenizer = ensure_embedded("embedded:smollm2_135m", cache_dir)["hf"]
 
@@ -124,9 +124,9 @@ def tiny_hf_smollm_vocab(tmp_path_factory, cache_dir) -> Path:
 
     import torch
 
-    from nemo_upcycle.checkpoint.embedded import ensure_embedded
-    from nemo_upcycle.checkpoint.tokenizer_files import tokenizer_files
-    from nemo_upcycle.testing.tiny_hf import write_tiny_hf
+    from nemo_upcycle.checkpoint.sources.embedded import ensure_embedded
+    from nemo_upcycle.checkpoint.hf.tokenizer_files import tokenizer_files
+    from tests.support.tiny_hf import write_tiny_hf
 
     tokenizer = ensure_embedded("embedded:smollm2_135m", cache_dir)["hf"]
     folder = write_tiny_hf("llama31", tmp_path_factory.mktemp("tiny_hf") / "Tiny-Llama-3.1", vocab_size=49152,
@@ -189,7 +189,7 @@ def prepared_news(tmp_path_factory, cache_dir) -> dict:
     import subprocess
     import sys
 
-    from nemo_upcycle.checkpoint.embedded import ensure_embedded
+    from nemo_upcycle.checkpoint.sources.embedded import ensure_embedded
 
     tokenizer = ensure_embedded("embedded:smollm2_135m", cache_dir)["hf"]
 

@@ -50,7 +50,7 @@ def _ablate_command(tiny_smollm_vocab, cache_dir, out_dir, *more):
             "model=tiny_llama", "model.vocab_size=49152", f"model.dense_checkpoint={path}",
             f"model.tokenizer={tokenizer}", f"cache_dir={cache_dir}",
             "trainer.seq_length=64", "trainer.max_steps=3", "trainer.lr=1e-3",
-            "eval.mmlu.num_questions=2", "eval.ppl.max_tokens=128", "eval.ppl.seq_length=64", *more]
+            "eval.tasks=[mmlu_anatomy,heldout_news]", "eval.limit=2", *more]
 
 
 def _env():

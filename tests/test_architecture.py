@@ -93,7 +93,7 @@ def test_llama3_frequencies_equal_megatron_core_and_transformers():
 
 
 def test_megatron_lm_arguments_are_read_safely(tmp_path):
-    from nemo_upcycle.checkpoint.megatron_lm_args import stated_by_megatron_lm_args
+    from nemo_upcycle.checkpoint.sources.megatron_lm_args import stated_by_megatron_lm_args
 
     args = argparse.Namespace(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
                               group_query_attention=True, num_query_groups=2, kv_channels=None,

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from nemo_upcycle.testing.tiny_hf import write_tiny_hf
+from tests.support.tiny_hf import write_tiny_hf
 from tests.conftest import REPO
 
 

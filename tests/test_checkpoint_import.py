@@ -11,9 +11,9 @@ import shutil
 import numpy as np
 import pytest
 
-from nemo_upcycle.checkpoint.importer import ImportError_
-from nemo_upcycle.checkpoint.importer import run_import
-from nemo_upcycle.testing.multirank import run_on_ranks
+from nemo_upcycle.checkpoint.convert.importer import ImportError_
+from nemo_upcycle.checkpoint.convert.importer import run_import
+from tests.support.multirank import run_on_ranks
 from tests.checkpoint_helpers import assert_same_tensors, export, import_dense, no_leftovers, run_cli
 from tests.conftest import tiny
 
@@ -158,7 +158,7 @@ def test_cli_error_exit_code_and_overwrite(tiny_hf, tmp_path):
     (out / "keep.txt").write_text("user data")
     log = import_dense(tiny_hf, out, "overwrite=true", "dtype=bfloat16")
     assert "imported" in log and not (out / "keep.txt").exists()
-    from nemo_upcycle.upcycle.sources import TorchDistCheckpoint
+    from nemo_upcycle.checkpoint.sources.torch_dist import TorchDistCheckpoint
 
     md = TorchDistCheckpoint(out).metadata.state_dict_metadata
     assert md["embedding.word_embeddings.weight"].properties.dtype.__repr__() == "torch.bfloat16"
@@ -169,7 +169,7 @@ def test_cli_error_exit_code_and_overwrite(tiny_hf, tmp_path):
 
 @pytest.fixture(scope="module")
 def smollm2_hf(cache_dir):
-    from nemo_upcycle.checkpoint.embedded import ensure_embedded
+    from nemo_upcycle.checkpoint.sources.embedded import ensure_embedded
 
     return ensure_embedded("embedded:smollm2_135m", cache_dir)["hf"]
 
@@ -201,8 +201,8 @@ def test_smollm2_gguf_streams_the_same_weights_as_transformers(smollm2_hf):
     import torch
 
     from nemo_upcycle.data.assets import smollm2_gguf
-    from nemo_upcycle.checkpoint.gguf_source import GGUFSource
-    from nemo_upcycle.checkpoint.safetensors_source import SafetensorsSource
+    from nemo_upcycle.checkpoint.sources.gguf_file import GGUFSource
+    from nemo_upcycle.checkpoint.sources.hf_safetensors import SafetensorsSource
 
     gguf_source, hf_source = GGUFSource(smollm2_gguf()), SafetensorsSource(smollm2_hf)
     shapes = hf_source.tensor_shapes()

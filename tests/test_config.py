@@ -23,8 +23,10 @@ def test_cfg_job_prints_the_composed_config():
 
 
 def test_experts_not_divisible_by_ep_fails_at_once_naming_both(tmp_path):
+    # The embedded default model: refused before its first-use import would fill the cache.
     out = run_cli("nemo_upcycle.train", "moe.num_experts=7", "parallel.ep=2", "trainer.precision=fp16",
-                  "trainer.recompute=full", "trainer.recompute_method=blocks", f"log_dir={tmp_path}/run", cwd=tmp_path)
+                  "trainer.recompute=full", "trainer.recompute_method=blocks", f"log_dir={tmp_path}/run",
+                  f"cache_dir={tmp_path}/cache", cwd=tmp_path)
     assert out.returncode == 2
     assert "moe.num_experts=7" in out.stderr and "parallel.ep=2" in out.stderr
     assert "trainer.precision=fp16 must be one of auto, bf16, fp32" in out.stderr
@@ -94,7 +96,9 @@ def _problems(*overrides, world_size=None):
     # the precision is a closed choice: a Lightning spelling would have to be guessed
     (["trainer.precision=bf16-mixed"], None, "trainer.precision=bf16-mixed must be one of auto, bf16, fp32"),
     # evaluation settings fail with the rest, before any weight is read
-    (["eval.mmlu.scoring=cloze"], None, "eval.mmlu.scoring=cloze must be loglik or letter"),
+    (["eval.tasks=[mmlu,arc_easy]"], None, "eval.tasks: arc_easy cannot run offline; the tasks that can: mmlu"),
+    (["eval.num_fewshot=10"], None, "eval.num_fewshot=10: MMLU's dev split holds 5 examples per subject"),
+    (["eval.limit=0"], None, "eval.limit=0 must be > 0"),
     # a split megatron could not train on (a division by zero in the data budget otherwise)
     (["data.split='0,5,5'"], None, "gives training no share of the data"),
     (["data.split=most"], None, "must be the train,validation,test weights"),
@@ -124,7 +128,7 @@ def test_the_optimizer_follows_the_parameter_dtype(precision):
     import torch
 
     from nemo_upcycle.model.modeling import transformer_config_kwargs
-    from nemo_upcycle.training.job import trains_in_bf16
+    from nemo_upcycle.model.modeling import trains_in_bf16
 
     cfg = compose_config(["model=tiny_llama", "model.dense_checkpoint=x", f"trainer.precision={precision}"])
     auto = torch.bfloat16 if torch.cuda.is_available() else torch.float32
@@ -139,7 +143,7 @@ def test_each_recompute_the_planner_names_trains_as_named(name):
     composes, passes the checks (selective_all's moe_act needs the grouped-GEMM experts of a
     GPU: refused here, with the reason) and reaches megatron-core's TransformerConfig, whose
     own validation accepts it."""
-    from nemo_upcycle.capacity.memory import RECOMPUTE
+    from nemo_upcycle.planner.memory import RECOMPUTE
     from nemo_upcycle.model.modeling import build_transformer_config
 
     overrides = ["model=tiny_llama", "model.dense_checkpoint=x", *RECOMPUTE[name].split()]

@@ -5,7 +5,7 @@ a layout whose collectives or CUDA workarounds were wrong would change the loss.
 """
 import pytest
 
-from nemo_upcycle.testing.multirank import run_on_ranks
+from tests.support.multirank import run_on_ranks
 from tests.conftest import tiny
 
 pytestmark = pytest.mark.multirank
@@ -64,7 +64,7 @@ def test_checkpoint_saved_at_tp2_loads_at_tp1_and_tp2_pp2(tiny_dense_ckpt, tmp_p
 
 
 def test_a_failing_rank_is_reported_not_hung():
-    from nemo_upcycle.testing.multirank import MultiRankError
+    from tests.support.multirank import MultiRankError
 
     with pytest.raises(MultiRankError, match="rank 1"):
         run_on_ranks("tests.workers.harness_checks:rank1_raises_others_wait", 2, timeout_s=90)

@@ -65,9 +65,9 @@ def test_every_target_writes_the_tensors_transformers_builds():
     import torch
     import transformers
 
-    from nemo_upcycle.checkpoint.exporter import check_exportable, llama_shape
-    from nemo_upcycle.checkpoint.hf_export_config import hf_config
-    from nemo_upcycle.checkpoint.hf_llama import hf_shapes
+    from nemo_upcycle.checkpoint.convert.exporter import check_exportable, llama_shape
+    from nemo_upcycle.checkpoint.hf.config_json import hf_config
+    from nemo_upcycle.checkpoint.hf.mapping import hf_shapes
     from nemo_upcycle.config.compose import compose_config
 
     for name, overrides in LAYOUTS.items():

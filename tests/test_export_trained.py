@@ -23,11 +23,12 @@ below reads the trained checkpoint alone, NeMo's own ``io.load_context`` + resto
 | aux_free | GLM-4-MoE | PP2/VPP2 | sigmoid scores with an expert bias, layer 0 dense |
 """
 import json
+from pathlib import Path
 import shutil
 
 import pytest
 
-from nemo_upcycle.testing.multirank import run_on_ranks
+from tests.support.multirank import run_on_ranks
 from tests.checkpoint_helpers import assert_same_tensors, check_ok, import_dense, no_leftovers, run_cli
 from tests.workers.training_checks import run_training, tiny_training_overrides, training_overrides
 
@@ -62,14 +63,16 @@ EXPORTS = {
 EVALUATED = ("mixtral_g2", "qwen3")
 # Also loaded the way NeMo's own tools load a checkpoint (io.load_context + the strategy's restore).
 NEMO_RESTORED = "qwen3"
-EVAL = ["eval.mmlu.num_questions=0", "eval.ppl.seq_length=64", "eval.ppl.max_tokens=512"]
+# The paper's MMLU 5-shot (few-shot examples from the dev split) on 4 questions of each of two
+# subjects, and two held-out news articles.
+EVAL = ["eval.tasks=[mmlu_anatomy,mmlu_astronomy,heldout_news]", "eval.num_fewshot=5", "eval.limit=4"]
 
 
 def _hf_source(family: str, folder, tokenizer):
     """A dense ``family`` folder as users hold it: written by transformers, SmolLM2's
     tokenizer files beside the weights."""
-    from nemo_upcycle.checkpoint.tokenizer_files import tokenizer_files
-    from nemo_upcycle.testing.tiny_hf import write_tiny_hf
+    from nemo_upcycle.checkpoint.hf.tokenizer_files import tokenizer_files
+    from tests.support.tiny_hf import write_tiny_hf
 
     # A wider initialisation than transformers' 0.02, so logits (and routing) are not near zero.
     write_tiny_hf(family, folder, vocab_size=49152, initializer_range=0.1)
@@ -169,19 +172,31 @@ def test_nemo_restores_a_trained_checkpoint_on_its_own(compared):
     assert r["nemo_restore_max_abs_diff"] <= 1e-5 * r["logit_scale"], r
 
 
-def _ppl(*args) -> float:
+def _evaluated(*args) -> tuple[dict, list[dict]]:
+    """The command's last line as {key: value}, and its per-question samples."""
     out = check_ok(run_cli("nemo_upcycle.evaluate", *args, *EVAL))
     last = out.strip().splitlines()[-1]
-    assert last.startswith("mmlu_acc=nan n=0 ppl="), out[-2000:]
-    return float(last.rsplit("ppl=", 1)[1])
+    summary = {k: float(v) for k, v in (pair.split("=") for pair in last.split())}
+    log_dir = next(a.split("=", 1)[1] for a in args if a.startswith("log_dir="))
+    samples = [json.loads(line) for line in (Path(log_dir) / "eval" / "samples.jsonl").read_text().splitlines()]
+    return summary, sorted(samples, key=lambda s: (s["task"], s["doc_id"]))
 
 
 @pytest.mark.parametrize("name", EVALUATED)
-def test_evaluate_gives_the_same_perplexity_on_the_checkpoint_and_its_export(name, exported, tmp_path):
+def test_evaluate_gives_the_same_numbers_on_the_checkpoint_and_its_export(name, exported, tmp_path):
+    """``evaluate checkpoint=<trained>`` (our megatron model in lm-eval) and ``evaluate hf_model=<its
+    export>`` (lm-eval's own hf model): MMLU 5-shot question for question, and perplexity."""
     checkpoint, folder, _ = exported[name]
-    megatron = _ppl(f"checkpoint={checkpoint}", f"log_dir={tmp_path / 'eval_ckpt'}")
-    transformers = _ppl(f"hf_model={folder}", f"log_dir={tmp_path / 'eval_hf'}")
-    assert abs(megatron - transformers) <= 1e-3 * transformers, (megatron, transformers)
+    megatron, mega_samples = _evaluated(f"checkpoint={checkpoint}", f"log_dir={tmp_path / 'eval_ckpt'}")
+    transformers, hf_samples = _evaluated(f"hf_model={folder}", f"log_dir={tmp_path / 'eval_hf'}")
+    assert set(megatron) == {"mmlu_anatomy_acc", "mmlu_anatomy_acc_norm", "mmlu_astronomy_acc",
+                             "mmlu_astronomy_acc_norm", "n", "ppl", "word_ppl"} and megatron["n"] == 8
+    assert [(s["task"], s["doc_id"]) for s in mega_samples] == [(s["task"], s["doc_id"]) for s in hf_samples]
+    worst = max(abs(a[0] - b[0]) for m, h in zip(mega_samples, hf_samples) if m["task"] != "heldout_news"
+                for a, b in zip(m["filtered_resps"], h["filtered_resps"]))
+    assert worst < 1e-3, worst
+    assert {k: v for k, v in megatron.items() if "acc" in k} == {k: v for k, v in transformers.items() if "acc" in k}
+    assert abs(megatron["ppl"] - transformers["ppl"]) <= 1e-3 * transformers["ppl"], (megatron, transformers)
 
 
 @pytest.mark.parametrize("name", ["mixtral_g2", "qwen2_every2_g2_softmax", "qwen3", "aux_free"])
@@ -210,7 +225,7 @@ def test_a_live_shared_expert_is_refused_on_import(exported, tmp_path):
 def test_reference_runs_trained(tp2_ep2_reference_run, pp2_reference_run):
     """Both learn, and both with activation recomputation (tests/conftest.py): the model config
     NeMo recorded in the checkpoint is the TransformerConfig megatron-core built and ran."""
-    from nemo_upcycle.checkpoint.nemo2_context import model_config
+    from nemo_upcycle.checkpoint.sources.nemo2_context import model_config
 
     for run in (tp2_ep2_reference_run, pp2_reference_run):
         assert min(run.losses[7], run.losses[8]) < run.losses[1] - 0.1, run.losses

@@ -16,8 +16,8 @@ import sys
 import pytest
 import torch
 
-from nemo_upcycle.testing.multirank import free_port
-from nemo_upcycle.testing.tiny_hf import write_tiny_hf
+from tests.support.multirank import free_port
+from tests.support.tiny_hf import write_tiny_hf
 from tests.checkpoint_helpers import check_ok, export, import_dense, run_cli
 from tests.conftest import REPO
 
@@ -141,7 +141,7 @@ def test_nemo_trains_the_family_straight_from_the_folder(family, hf_folders, tmp
     test_training.py."""
     import shutil
 
-    from nemo_upcycle.testing.tiny_hf import write_word_tokenizer
+    from tests.support.tiny_hf import write_word_tokenizer
     from tests.workers.training_checks import read_metrics, run_training
 
     folder = tmp_path / family

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.tiny_hf import write_tiny_hf
+
 REPO = Path(__file__).resolve().parents[1]
 # Filled by scripts/setup_env.sh: the wheels the test environment itself was installed from.
 WHEELHOUSE = Path(sys.prefix) / "wheelhouse"
@@ -82,6 +84,8 @@ def test_the_wheel_holds_the_configs_and_is_the_one_imported(installed, outside)
     package, configs = out.split()
     assert str(bin_dir.parent) in package and str(REPO) not in package, package
     assert (Path(configs) / "config.yaml").is_file() and (Path(configs) / "model" / "smollm2_135m.yaml").is_file()
+    # The test harness stays in the checkout (tests/support): the wheel ships no nemo_upcycle.testing.
+    assert not (Path(package).parent / "testing").exists(), package
     assert list(outside.iterdir()) == []
 
 
@@ -97,11 +101,8 @@ def test_cfg_job_and_plan_run_from_an_empty_folder(installed, outside):
 
 def test_a_tiny_verify_runs_from_an_empty_folder(installed, outside, tmp_path):
     bin_dir, env = installed
-    folder = tmp_path / "tiny_llama31"
-    # The folder is written by transformers, through the installed package's own helper.
-    run([bin_dir / "python", "-c", "import sys; from pathlib import Path; "
-         "from nemo_upcycle.testing.tiny_hf import write_tiny_hf; write_tiny_hf('llama31', Path(sys.argv[1]))",
-         folder], outside, env)
+    # The folder is written by transformers, through the test harness (tests/support: not in the wheel).
+    folder = write_tiny_hf("llama31", tmp_path / "tiny_llama31")
     out = run([bin_dir / "nemo-upcycle", "verify", "model=auto", f"model.dense_checkpoint={folder}",
                "verify.seq_length=64", "verify.batch=1"], outside, env)
     assert "OK: megatron-core's dense model vs transformers" in out

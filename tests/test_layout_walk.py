@@ -14,7 +14,7 @@ import pytest
 
 from nemo_upcycle.config.compose import compose_config
 from nemo_upcycle.config.layouts import sort_layouts
-from nemo_upcycle.testing.multirank import free_port, run_on_ranks
+from tests.support.multirank import free_port, run_on_ranks
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.multirank
@@ -25,7 +25,7 @@ SEQ = ["verify.seq_length=32", "verify.batch=2"]
 @pytest.fixture(scope="module")
 def hf_tiny_llama(tmp_path_factory):
     """A Llama folder as transformers writes it, with model=tiny_llama's exact architecture."""
-    from nemo_upcycle.testing.tiny_hf import write_tiny_hf
+    from tests.support.tiny_hf import write_tiny_hf
 
     return write_tiny_hf("llama", tmp_path_factory.mktemp("walk") / "tiny-llama", rope_theta=100000.0,
                          max_position_embeddings=256)
@@ -38,7 +38,7 @@ def hf_tiny_llama_bf16(tmp_path_factory):
     barely depend on any FFN, and no bug in an expert could show above bf16 rounding."""
     import torch
 
-    from nemo_upcycle.testing.tiny_hf import write_tiny_hf
+    from tests.support.tiny_hf import write_tiny_hf
 
     return write_tiny_hf("llama", tmp_path_factory.mktemp("walk_bf16") / "tiny-llama-bf16", rope_theta=100000.0,
                          max_position_embeddings=256, initializer_range=0.1, dtype=torch.bfloat16)

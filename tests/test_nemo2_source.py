@@ -1,6 +1,6 @@
 """A dense source written by NeMo 2.7.3 itself (``llm.import_ckpt`` of a Hugging Face Llama).
 
-The checkpoints are made by NeMo's own importer (``nemo_upcycle.testing.nemo_import``, in
+The checkpoints are made by NeMo's own importer (``tests.support.nemo_import``, in
 a subprocess, about 35 s on a CPU), not by this project in NeMo's layout: what
 ``context/`` states must be the Hugging Face config's architecture, and ``weights/`` must
 hold the Hugging Face tensors, the RMSNorm weights included (NeMo's non-TE mapping drops
@@ -16,10 +16,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from nemo_upcycle.checkpoint.nemo2_context import stated_architecture
-from nemo_upcycle.testing.nemo_import import write_tiny_llama
+from nemo_upcycle.checkpoint.sources.nemo2_context import stated_architecture
+from tests.support.nemo_import import write_tiny_llama
 from nemo_upcycle.upcycle.errors import UpcycleError
-from nemo_upcycle.upcycle.sources import SliceRequest, TorchDistCheckpoint
+from nemo_upcycle.checkpoint.sources.slices import SliceRequest
+from nemo_upcycle.checkpoint.sources.torch_dist import TorchDistCheckpoint
 
 # Values other than Llama31Config's defaults (8, 1, 4, 8192): a dropped one shows.
 LLAMA3_SCALING = dict(rope_type="llama3", factor=16.0, low_freq_factor=2.0, high_freq_factor=8.0,
@@ -31,7 +32,7 @@ def _nemo_import(tmp_path_factory, name, seed, **hf_args):
     hf, out = write_tiny_llama(base / "hf", seed=seed, **hf_args), base / "nemo"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     try:
-        run = subprocess.run([sys.executable, "-m", "nemo_upcycle.testing.nemo_import", str(hf), str(out)],
+        run = subprocess.run([sys.executable, "-m", "tests.support.nemo_import", str(hf), str(out)],
                              capture_output=True, text=True, timeout=300, env=env)
     except subprocess.TimeoutExpired as err:
         output = err.stdout.decode(errors="replace") if isinstance(err.stdout, bytes) else err.stdout or ""

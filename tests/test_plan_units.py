@@ -13,6 +13,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from nemo_upcycle.checkpoint.sources.slices import narrow_tensor_by_index
+from nemo_upcycle.checkpoint.sources.stored_tensor import locate_payload
+from nemo_upcycle.checkpoint.sources.torch_dist import _contiguous_span
 from nemo_upcycle.config.moe_layers import MoELayerSpecError
 from nemo_upcycle.upcycle.dense_keys import DenseKeyResolver
 from nemo_upcycle.upcycle.errors import DenseCheckpointMismatch
@@ -29,9 +32,7 @@ from nemo_upcycle.upcycle.local_model import (
 from nemo_upcycle.upcycle.plan import FfnKeys, canonical_name, ffn_pieces, plan_upcycle
 from nemo_upcycle.upcycle.router_init import router_weights
 from nemo_upcycle.upcycle.routers import ROUTERS, router_row
-from nemo_upcycle.upcycle.sources import _contiguous_span, narrow_tensor_by_index
 from nemo_upcycle.upcycle.spec import UpcycleSpec
-from nemo_upcycle.upcycle.stored_tensor import locate_payload
 
 FC1_KEY = "decoder.layers.mlp.linear_fc1.weight"
 FC2_KEY = "decoder.layers.mlp.linear_fc2.weight"

@@ -15,12 +15,12 @@ import pytest
 
 from nemo_upcycle.config.compose import compose_config
 from nemo_upcycle.config.validate import ConfigError, collect_problems
-from nemo_upcycle.capacity.layout import layout_of
-from nemo_upcycle.capacity.memory import Precision, model_state_bytes, rank_activation_bytes
-from nemo_upcycle.capacity.params import model_params, rank_params
-from nemo_upcycle.capacity.reads import elements_read
-from nemo_upcycle.capacity.report import build_report, render_table
-from nemo_upcycle.testing.multirank import run_on_ranks
+from nemo_upcycle.planner.layout import layout_of
+from nemo_upcycle.planner.memory import Precision, model_state_bytes, rank_activation_bytes
+from nemo_upcycle.planner.params import model_params, rank_params
+from nemo_upcycle.planner.reads import elements_read
+from nemo_upcycle.planner.report import build_report, render_table
+from tests.support.multirank import run_on_ranks
 
 WORKER = "tests.workers.planning_checks"
 TINY = ["model=tiny_llama", "model.dense_checkpoint=unused"]
@@ -100,7 +100,7 @@ def test_plan_json_has_the_same_numbers():
     ("NVIDIA H100", None),  # no form factor named: which of three peaks is unknown
 ])
 def test_mfu_peak_from_the_device_name_torch_reports(device_name, peak):
-    from nemo_upcycle.capacity.budget import gpu_for_device_name
+    from nemo_upcycle.planner.budget import gpu_for_device_name
 
     gpu = gpu_for_device_name(device_name)
     assert (gpu.bf16_tflops if gpu else None) == peak
@@ -108,7 +108,7 @@ def test_mfu_peak_from_the_device_name_torch_reports(device_name, peak):
 
 def test_flops_per_token_standard_accounting():
     cfg = compose_config(LLAMA_E8T2 + ["trainer.seq_length=8192"])
-    from nemo_upcycle.capacity.flops import flops_per_token
+    from nemo_upcycle.planner.flops import flops_per_token
 
     moe, dense = flops_per_token(cfg, 8192), flops_per_token(cfg, 8192, dense=True)
     p = model_params(cfg)

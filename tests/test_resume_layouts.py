@@ -77,11 +77,11 @@ def test_a_checkpoint_resumes_exports_and_loads_under_the_other_layer_specs_name
     import pickle
     import shutil
 
-    from nemo_upcycle.checkpoint.nemo2_context import stored_layer_naming
+    from nemo_upcycle.checkpoint.sources.nemo2_context import stored_layer_naming
     from nemo_upcycle.model.megatron_keys import TE_NAMES, layer_naming_of_keys
     from nemo_upcycle.model.modeling import LAYER_NAMES_ENV
-    from nemo_upcycle.testing.multirank import run_on_ranks
-    from nemo_upcycle.upcycle.sources import TorchDistCheckpoint
+    from tests.support.multirank import run_on_ranks
+    from nemo_upcycle.checkpoint.sources.torch_dist import TorchDistCheckpoint
     from tests.checkpoint_helpers import export, run_cli
 
     log_dir = ep2_reference_run.step4_log_dir(tmp_path / "resumed")
@@ -114,7 +114,7 @@ def test_a_checkpoint_resumes_exports_and_loads_under_the_other_layer_specs_name
     metadata_file.unlink()  # a link to the original: write a new file instead
     metadata_file.write_bytes(pickle.dumps(metadata))
     refused = run_cli("nemo_upcycle.evaluate", f"checkpoint={broken}", f"log_dir={tmp_path / 'eval'}",
-                      f"cache_dir={cache_dir}", "eval.mmlu.num_questions=0", "eval.ppl.max_tokens=64")
+                      f"cache_dir={cache_dir}", "eval.tasks=[heldout_news]", "eval.limit=1")
     assert refused.returncode == 2, refused.stderr[-3000:]
     assert ("1 model tensor(s) missing from the checkpoint: decoder.layers.0.mlp.linear_fc1.layer_norm_weight"
             in refused.stderr), refused.stderr[-3000:]

@@ -10,9 +10,10 @@ import json
 import pytest
 import torch
 
-from nemo_upcycle.checkpoint.safetensors_source import SafetensorsSource
-from nemo_upcycle.testing.multirank import run_on_ranks
-from nemo_upcycle.upcycle.sources import SliceRequest, TorchDistCheckpoint
+from nemo_upcycle.checkpoint.sources.hf_safetensors import SafetensorsSource
+from tests.support.multirank import run_on_ranks
+from nemo_upcycle.checkpoint.sources.slices import SliceRequest
+from nemo_upcycle.checkpoint.sources.torch_dist import TorchDistCheckpoint
 from tests.checkpoint_helpers import export
 from tests.conftest import tiny
 
@@ -75,7 +76,7 @@ def test_mixtral_folder_reads_like_the_moe_checkpoint(tiny_moe_ckpt, tmp_path):
 
 def test_open_dense_source_uses_the_folder_and_checks_it(tiny_hf):
     from nemo_upcycle.config.compose import compose_config
-    from nemo_upcycle.checkpoint.dense_source import open_dense_source
+    from nemo_upcycle.checkpoint.sources.dense_source import open_dense_source
     from nemo_upcycle.upcycle.errors import DenseCheckpointMismatch
 
     assert isinstance(open_dense_source(compose_config(tiny(tiny_hf))), SafetensorsSource)

@@ -1,6 +1,6 @@
 """The project's Slurm template under a real Slurm: ``sbatch scripts/slurm/upcycle.sbatch``.
 
-A local cluster (slurmctld + two slurmd "nodes" n1, n2 on this host, nemo_upcycle.testing.
+A local cluster (slurmctld + two slurmd "nodes" n1, n2 on this host, tests.support.
 local_slurm) runs the template exactly as a user submits it, with the CPU-node overrides its
 header documents. Two jobs of one rank per node are submitted at once with different
 log_dirs: each must train its own run on both nodes (world size 2, ranks on n1 and n2) at its
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from nemo_upcycle.platform.launcher_env import slurm_job_port, standalone_env
-from nemo_upcycle.testing.local_slurm import SlurmUnavailable, local_slurm
+from tests.support.local_slurm import SlurmUnavailable, local_slurm
 from tests.conftest import REPO
 from tests.workers.training_checks import losses_by_step
 

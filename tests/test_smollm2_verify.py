@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from nemo_upcycle.testing.multirank import free_port
+from tests.support.multirank import free_port
 from tests.conftest import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.multirank]
@@ -15,7 +15,7 @@ def test_smollm2_e8t2_from_its_hf_folder_reproduces_transformers_and_the_dense_l
     """``model=auto`` on the Hugging Face folder of SmolLM2 (as a user holds it): the
     architecture from config.json, megatron-core's dense model against transformers', the
     upcycled E8T2 against the dense model."""
-    from nemo_upcycle.checkpoint.embedded import ensure_embedded
+    from nemo_upcycle.checkpoint.sources.embedded import ensure_embedded
 
     folder = ensure_embedded("embedded:smollm2_135m", cache_dir)["hf"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",

@@ -59,7 +59,7 @@ def test_ep2_training_straight_from_a_hf_folder_logs_everything_and_resumes(tiny
     _assert_wandb_run(tmp_path, out, runs=1)
     (last,) = (tmp_path / "upcycle" / "checkpoints").glob("*-last")
     cfg = compose_config(overrides)
-    from nemo_upcycle.checkpoint.dense_source import open_dense_source
+    from nemo_upcycle.checkpoint.sources.dense_source import open_dense_source
 
     open_dense_source(cfg)  # model=auto, filled as the job filled it
     assert cfg.model.rope_scaling_factor == 8.0 and cfg.model.rope_scaling_original_max_position == 256
@@ -100,7 +100,7 @@ def _model_dtypes(checkpoint) -> set:
     """The dtypes of the model's tensors in a NeMo checkpoint (not the optimizer's)."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from nemo_upcycle.upcycle.sources import TorchDistCheckpoint
+    from nemo_upcycle.checkpoint.sources.torch_dist import TorchDistCheckpoint
 
     stored = TorchDistCheckpoint(checkpoint).metadata.state_dict_metadata
     return {md.properties.dtype for key, md in stored.items()
@@ -131,7 +131,7 @@ def _assert_disk_estimate_matches(cfg, checkpoint):
     tensors (weights + Adam's moments, from the planner's parameter count) and the context
     folder (NeMo copies the tokenizer folder into it: the tokenizer files alone, not the
     dense model's weights that lie beside them)."""
-    from nemo_upcycle.checkpoint.tokenizer_files import tokenizer_files, tokenizer_folder
+    from nemo_upcycle.checkpoint.hf.tokenizer_files import tokenizer_files, tokenizer_folder
     from nemo_upcycle.training.preflight import checkpoint_weight_bytes, folder_bytes
 
     weights, estimate = folder_bytes(checkpoint / "weights"), checkpoint_weight_bytes(cfg)

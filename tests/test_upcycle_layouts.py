@@ -6,7 +6,7 @@ MoE computes the dense function, so the bound is fp32 rounding (1e-4).
 """
 import pytest
 
-from nemo_upcycle.testing.multirank import run_on_ranks
+from tests.support.multirank import run_on_ranks
 from tests.conftest import tiny
 
 pytestmark = pytest.mark.multirank

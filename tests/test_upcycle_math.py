@@ -1,7 +1,7 @@
 """The maths of upcycling, checked against what it predicts (exact where exact)."""
 import pytest
 
-from nemo_upcycle.testing.multirank import run_on_ranks
+from tests.support.multirank import run_on_ranks
 from tests.conftest import tiny
 
 pytestmark = pytest.mark.multirank

@@ -10,7 +10,7 @@ checkpoint with its export is the test suite's worker (``tests/workers/export_tr
 as tests/test_export_trained.py runs it), and (c) is ``benchmarks/train_throughput.py``, which
 runs the product's training job once per model:
 
-0. a Llama written there by transformers in bf16 (``nemo_upcycle.testing.tiny_hf``) with a
+0. a Llama written there by transformers in bf16 (``tests.support.tiny_hf``) with a
    byte-level BPE tokenizer trained there on gensim's held-out news text (no model hub, no
    embedded 270 MB model);
 (a) ``verify`` of that bf16 HF folder: upcycled E8T2 vs dense logits, megatron-core vs
@@ -65,7 +65,7 @@ IMPORTED_MODULES = (
     "nemo.lightning", "hydra", "omegaconf", "transformers", "transformers.models.mixtral", "tokenizers", "gguf",
     "mwparserfromhell", "nemo_upcycle.cli.train", "nemo_upcycle.cli.verify", "nemo_upcycle.cli.export_hf",
     "nemo_upcycle.training.model_config", "nemo_upcycle.training.job", "nemo_upcycle.evaluation.backends",
-    "benchmarks.train_throughput", "tests.workers.export_trained_checks", "nemo_upcycle.testing.rank_entry",
+    "benchmarks.train_throughput", "tests.workers.export_trained_checks", "tests.support.rank_entry",
 )
 
 # Sizes: the lease's, and the dry run's (seconds on 2 CPU cores).
@@ -90,7 +90,7 @@ SIZES = {
     ),
 }
 # The dense bf16 peak MFU is measured against when the device table does not name the GPU
-# (H100 SXM and H200: nemo_upcycle/capacity/budget.py).
+# (H100 SXM and H200: nemo_upcycle/planner/budget.py).
 HOPPER_PEAK_TFLOPS = 989.4
 NUMBER = r"[-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|nan|inf)"
 # The deadline of the whole run, in seconds from its start (the device tool's call has ~560 s).
@@ -175,7 +175,7 @@ def write_llama(folder: Path, sizes: dict) -> dict:
     """The bf16 Llama (as Llama 3 ships) and its tokenizer, written by transformers."""
     import torch
 
-    from nemo_upcycle.testing.tiny_hf import write_tiny_hf
+    from tests.support.tiny_hf import write_tiny_hf
 
     write_bpe_tokenizer(folder, sizes["vocab"])
     write_tiny_hf("llama", folder, dtype=torch.bfloat16, vocab_size=sizes["vocab"], **sizes["llama"])
@@ -203,7 +203,7 @@ def data_overrides(corpus: Path) -> list[str]:
 def peak_tflops() -> tuple[float, str]:
     import torch
 
-    from nemo_upcycle.capacity.budget import gpu_for_device_name
+    from nemo_upcycle.planner.budget import gpu_for_device_name
 
     if not torch.cuda.is_available():
         return HOPPER_PEAK_TFLOPS, "no GPU (dry run): the H100 SXM / H200 dense bf16 peak"
@@ -217,7 +217,7 @@ def peak_tflops() -> tuple[float, str]:
 def describe_device() -> dict:
     import torch
 
-    from nemo_upcycle.model.modeling import transformer_engine_available
+    from nemo_upcycle.model.fused_paths import transformer_engine_available
 
     out = {"python": sys.version.split()[0], "torch": torch.__version__,
            "transformer_engine": transformer_engine_available(),
@@ -344,7 +344,7 @@ def steps_run(doc: dict, steps: dict, finish, limit, sizes: dict, work: Path, ca
         compare = work / "trained_vs_export"
         compare.mkdir(parents=True, exist_ok=True)
         (compare / "kwargs.json").write_text(json.dumps({"checkpoint": str(run_dir), "hf_dir": str(export_dir)}))
-        record = run("trained_vs_export", torchrun("nemo_upcycle.testing.rank_entry", [
+        record = run("trained_vs_export", torchrun("tests.support.rank_entry", [
             "tests.workers.export_trained_checks:trained_vs_export", str(compare)]), t, out)
         result_file = compare / "result_0.json"
         result = json.loads(result_file.read_text()) if result_file.exists() else {}

@@ -22,7 +22,7 @@ class AblateConfig:
     # memory and compute, so a 9-run grid of SmolLM2 fits in an hour on 2 cores and ~8 GB.
     base_overrides: list[str] = field(default_factory=lambda: [
         "trainer=ablation", "parallel=ep2", "moe.layers=every_2",
-        "eval.mmlu.num_questions=32", "eval.ppl.max_tokens=2048",
+        "eval.tasks=[mmlu,heldout_news]", "eval.limit=4",  # 4 questions per MMLU subject (228), 4 news articles
     ])
     # A run taking longer than this is killed and reported as failed.
     run_timeout_s: float = 3600.0

@@ -46,7 +46,7 @@ class Family:
         return dict(qkv_bias=self.qkv_bias, qk_layernorm=self.qk_layernorm)
 
 
-# Where each family is exported to: checkpoint/export_targets.py.
+# Where each family is exported to: checkpoint/hf/export_targets.py.
 FAMILIES = {
     "llama": Family(False, False),  # Llama 2/3/3.1-3.3, SmolLM2, TinyLlama
     "mistral": Family(False, False),  # Mistral without a sliding window
@@ -54,7 +54,7 @@ FAMILIES = {
     "qwen3": Family(False, True, sliding_window_switch=True),  # Qwen3 dense
 }
 # MoE model types read back (this project's own exports, through import_dense): each is a
-# dense family's attention with MoE FFNs (checkpoint/hf_moe_read_back.py).
+# dense family's attention with MoE FFNs (checkpoint/hf/read_back.py).
 MOE_READ_BACK = ("mixtral", "qwen2_moe", "qwen3_moe", "glm4_moe")
 
 
@@ -152,17 +152,6 @@ def stated_by_hf_config(config: dict, where: str = "config.json") -> dict:
         **FAMILIES[model_type].megatron_flags(),
         **rope,
     )
-
-
-def stated_by_hf_folder_config(config: dict, where: str = "config.json") -> tuple[dict, Any]:
-    """(the architecture, its MoE settings or None) of a Hugging Face folder's ``config.json``: a
-    dense family, or an MoE type nemo-upcycle writes, read as its dense family plus experts."""
-    from nemo_upcycle.checkpoint.hf_moe_read_back import read_back
-
-    moe = None
-    if config.get("model_type") in MOE_READ_BACK:
-        config, moe = read_back(config, where)
-    return stated_by_hf_config(config, where), moe
 
 
 def effective_head_dim(model: Any) -> int:

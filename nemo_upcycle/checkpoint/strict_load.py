@@ -15,7 +15,7 @@ MoE norm at 1.0). So before model weights are loaded (resume, ``evaluate checkpo
 
 Optimizer states stay under megatron's handling and :mod:`nemo_upcycle.training.optimizer_state`.
 The export reads checkpoints by its own plan and checks both directions itself
-(:func:`nemo_upcycle.checkpoint.exporter.check_source_matches`).
+(:func:`nemo_upcycle.checkpoint.convert.exporter.check_source_matches`).
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ class CheckpointKeysMismatch(UserError):
 
 def checkpoint_keys(path: str | Path) -> list[str]:
     """Every key a torch_dist checkpoint (or NeMo 2's ``weights/``) stores, from its metadata."""
-    from nemo_upcycle.upcycle.sources import CheckpointFormatError, TorchDistCheckpoint
+    from nemo_upcycle.checkpoint.sources.torch_dist import CheckpointFormatError, TorchDistCheckpoint
 
     try:
         return list(TorchDistCheckpoint(path).metadata.state_dict_metadata)
@@ -61,7 +61,7 @@ def _on_every_rank(keys: set[str]) -> set[str]:
 
 
 def _recorded_naming(path: Path) -> str:
-    from nemo_upcycle.checkpoint.nemo2_context import stored_layer_naming
+    from nemo_upcycle.checkpoint.sources.nemo2_context import stored_layer_naming
 
     root = path.parent if path.name == "weights" else path
     recorded = stored_layer_naming(root)

@@ -10,11 +10,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from nemo_upcycle.errors import UserError
 
-RUN_NAME = "upcycle"  # nemo_upcycle.training.job.RUN_NAME, without importing NeMo
+RUN_NAME = "upcycle"  # the training job's run folder in its log_dir (NeMo's logger name)
+
+
+def checkpoint_dir(cfg: Any) -> Path:
+    """Where the training job of ``cfg`` writes its checkpoints (and a relaunch resumes from)."""
+    return Path(cfg.log_dir) / RUN_NAME / "checkpoints"
 
 
 class TrainedCheckpointError(UserError):
@@ -60,7 +65,7 @@ def latest_complete(checkpoints: Path) -> Path:
 
 def find_checkpoint(path: str | Path) -> TrainedCheckpoint:
     """The checkpoint ``path`` names, with what its context states; only metadata is read."""
-    from nemo_upcycle.checkpoint.nemo2_context import context_tokenizer, stored_job
+    from nemo_upcycle.checkpoint.sources.nemo2_context import context_tokenizer, stored_job
 
     path = Path(path)
     if not path.exists():

@@ -12,7 +12,7 @@ import contextlib
 import sys
 from typing import Iterator
 
-from nemo_upcycle.checkpoint.dense_source import resolve_dense_model  # noqa: F401  (for the commands)
+from nemo_upcycle.checkpoint.sources.dense_source import resolve_dense_model  # noqa: F401  (for the commands)
 from nemo_upcycle.config.compose import CONFIG_DIR  # noqa: F401  (re-exported for hydra.main)
 from nemo_upcycle.errors import UserError
 from nemo_upcycle.util.fast_exit import exit_process
@@ -60,9 +60,15 @@ def validated(cfg, world_size: int, command: str = "train") -> Iterator[None]:
     A training relaunch whose log_dir holds a checkpoint takes the architecture from that
     checkpoint instead: after the first save the dense checkpoint is not needed any more.
     """
+    from omegaconf import OmegaConf
+
     from nemo_upcycle.config.validate import validate
 
     with user_errors():
+        if not OmegaConf.missing_keys(cfg.model):
+            # A named model states its whole architecture: refuse a bad config before the dense
+            # checkpoint is opened (the embedded model's first use imports it: ~50 s, 0.5 GB).
+            validate(cfg, world_size, command)
         if command == "train":
             from nemo_upcycle.training.job import adopt_checkpoint_to_resume
 

@@ -1,6 +1,7 @@
-"""nemo-upcycle evaluate model=... moe=... [eval.checkpoint=DIR | eval.hf_model=DIR] eval.mmlu.*=... eval.ppl.*=...
+"""nemo-upcycle evaluate model=... moe=... [checkpoint=DIR | hf_model=DIR] eval.tasks=[...] eval.num_fewshot=K eval.limit=N
 
-MMLU (per subject and overall) and held-out perplexity of a model:
+lm-evaluation-harness tasks, offline (MMLU and held-out perplexity by default; see
+``nemo_upcycle/evaluation/tasks.py``), on a model:
 
 * default: the dense checkpoint of ``model`` upcycled to ``moe`` at step 0 (``moe=dense``:
   the dense model itself), at the ``parallel`` layout (launch with torchrun for several ranks);
@@ -9,11 +10,12 @@ MMLU (per subject and overall) and held-out perplexity of a model:
   would resume from) brings its own ``model``/``moe``/``router`` configuration and tokenizer,
   so no other option is needed (an override that contradicts them is refused), and loads at
   the ``parallel`` layout of this command, whatever layout it was trained at;
-* ``hf_model=DIR`` (``eval.hf_model``): a Hugging Face folder, run with transformers
-  (e.g. what ``export_hf`` wrote from that checkpoint: both perplexities must agree).
+* ``hf_model=DIR`` (``eval.hf_model``): a Hugging Face folder, run by the harness's own ``hf``
+  model (e.g. what ``export_hf`` wrote from that checkpoint: the numbers must agree).
 
-Prints a per-subject table, writes ``${log_dir}/eval/results.json`` and ends with
-``mmlu_acc=<value> n=<count> ppl=<value>``.
+Prints the harness's tables, writes ``${log_dir}/eval/results.json`` (the harness's layout) and
+``samples_<task>.jsonl``, and ends with ``key=value`` pairs, e.g.
+``mmlu_acc=0.2667 mmlu_acc_norm=0.2667 n=285 ppl=33.123456 word_ppl=61.2345``.
 """
 from __future__ import annotations
 
@@ -45,9 +47,8 @@ def use_trained_checkpoint(cfg: DictConfig) -> None:
 def evaluate_main(cfg: DictConfig) -> None:
     from pathlib import Path
 
-    from nemo_upcycle.evaluation.runner import evaluate_model, print_report, summary_line
+    from nemo_upcycle.evaluation.runner import evaluate_model, print_report, summary_line, write_results
     from nemo_upcycle.platform.console import log_to_file
-    from nemo_upcycle.util.atomic import write_json_atomic
 
     set_up_console(cfg)
     if cfg.eval.checkpoint:
@@ -58,9 +59,9 @@ def evaluate_main(cfg: DictConfig) -> None:
         result = evaluate_model(cfg, verbose=is_rank0())
     if is_rank0():
         print_report(result)
-        path = write_json_atomic(Path(cfg.log_dir) / "eval" / "results.json", result)
+        path = write_results(result, Path(cfg.log_dir) / "eval")
         print(f"results: {path}", flush=True)
-    print_rank0(summary_line(result))
+    print_rank0(summary_line(result["summary"]))
     if not cfg.eval.hf_model:
         from nemo_upcycle.platform.distributed import teardown_parallel
 

@@ -57,7 +57,7 @@ def expand_shorthands(argv: list[str], section: str = "export", shorthands=SHORT
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base=None)
 def export_main(cfg: DictConfig) -> None:
-    from nemo_upcycle.checkpoint.export_job import run_export, summary_line
+    from nemo_upcycle.checkpoint.convert.export_job import run_export, summary_line
 
     with user_errors():
         summary = run_export(cfg)

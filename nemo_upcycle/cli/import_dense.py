@@ -21,7 +21,7 @@ register_configs()
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="import_dense", version_base=None)
 def main(cfg: ImportConfig) -> None:
-    from nemo_upcycle.checkpoint.importer import run_import, summary_line
+    from nemo_upcycle.checkpoint.convert.importer import run_import, summary_line
 
     with user_errors():
         summary = run_import(cfg.source, Path(cfg.output_dir), cfg.cache_dir, cfg.overwrite, cfg.dtype, cfg.progress)

@@ -18,7 +18,7 @@ register_configs()
 
 def plan_text(cfg) -> str:
     """The plan for ``cfg`` as it would be printed (raises ConfigError for a bad layout)."""
-    from nemo_upcycle.capacity.report import build_report, render
+    from nemo_upcycle.planner.report import build_report, render
 
     return render(build_report(cfg), cfg.plan.format)
 

@@ -26,7 +26,7 @@ def output_prefix(cfg) -> Path:
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
-    from nemo_upcycle.checkpoint.tokenizer_files import tokenizer_folder
+    from nemo_upcycle.checkpoint.hf.tokenizer_files import tokenizer_folder
     from nemo_upcycle.data.prepare import DataError, check_first_records, jsonl_files, tokenize_jsonl
 
     with user_errors():

@@ -14,7 +14,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from nemo_upcycle.ablation.config import AblateConfig
-from nemo_upcycle.checkpoint.export_config import ExportConfig
+from nemo_upcycle.checkpoint.convert.export_config import ExportConfig
 from nemo_upcycle.evaluation.config import EvalConfig
 
 
@@ -186,9 +186,9 @@ class DataConfig:
 
 @dataclass
 class PlanConfig:
-    """What ``python -m nemo_upcycle.plan`` assumes about the hardware (see nemo_upcycle.capacity)."""
+    """What ``python -m nemo_upcycle.plan`` assumes about the hardware (see nemo_upcycle.planner)."""
 
-    # A name from nemo_upcycle.capacity.budget.GPUS (h100, h200, a100, b200, ...).
+    # A name from nemo_upcycle.planner.budget.GPUS (h100, h200, a100, b200, ...).
     gpu: str = "h100"
     # Dense bf16 peak per GPU in TFLOP/s; null = the gpu table's value.
     peak_tflops: Optional[float] = None

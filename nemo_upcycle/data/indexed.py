@@ -140,6 +140,6 @@ def jsonl_documents(paths: Sequence[Path], key: str = "text") -> Iterator[str]:
 
 def tokenizer_tag(tokenizer_path: Optional[Path]) -> str:
     """Names the tokenized-data cache: by content, so two tokenizers never share one."""
-    from nemo_upcycle.checkpoint.tokenizer_files import tokenizer_digest
+    from nemo_upcycle.checkpoint.hf.tokenizer_files import tokenizer_digest
 
     return f"{Path(tokenizer_path).name}-{tokenizer_digest(tokenizer_path)}" if tokenizer_path else "bytes"

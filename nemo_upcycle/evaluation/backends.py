@@ -1,6 +1,8 @@
-"""The two back ends of the evaluation: megatron-core chunks at any layout, and transformers.
+"""The megatron-core back end of the evaluation: this rank's chunks at any layout, and loading
+a trained checkpoint into them.
 
-Both implement :class:`nemo_upcycle.evaluation.scoring.Backend`.
+:class:`MegatronBackend` implements :class:`nemo_upcycle.evaluation.scoring.Backend`; Hugging
+Face folders are evaluated by lm-evaluation-harness's own ``hf`` model instead.
 """
 from __future__ import annotations
 
@@ -58,7 +60,7 @@ class MegatronBackend:
         tokens, _ = pad_right(sequences, self.multiple)
         logits = self._logits(tokens)  # on the compute device, as megatron's collectives want them
         pipeline = parallel_state.get_pipeline_model_parallel_group()
-        out = torch.zeros(token_ids.shape, dtype=torch.float64, device=collective_device(pipeline))
+        out = torch.zeros((token_ids.shape[0], token_ids.shape[1] + 1), dtype=torch.float64, device=collective_device(pipeline))
         if logits is not None:
             rows = rows.to(logits.device)
             local = logits[rows[:, 0], rows[:, 1]].contiguous()  # (N, vocab / tp)
@@ -72,41 +74,6 @@ class MegatronBackend:
         if self.pp > 1:
             dist.broadcast(out, src=parallel_state.get_pipeline_model_parallel_last_rank(), group=pipeline)
         return to_host(out)  # the scores leave the model: read one by one on the host
-
-
-class HFBackend:
-    """A Hugging Face causal LM folder (Llama, Mixtral, ...) through transformers, float32."""
-
-    def __init__(self, folder: str | Path, dtype: torch.dtype = torch.float32):
-        from transformers import AutoModelForCausalLM
-
-        folder = Path(folder)
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"eval.hf_model={folder} is not a Hugging Face model folder (no config.json)")
-        from nemo_upcycle.platform.device import compute_device
-
-        self.model = AutoModelForCausalLM.from_pretrained(str(folder), torch_dtype=dtype).to(compute_device())
-        self.model.eval()
-        self.max_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
-        self.vocab_size = int(self.model.config.vocab_size)
-
-    def selected_logprobs(self, sequences: Sequence[Sequence[int]], rows: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-        from nemo_upcycle.platform.device import to_host
-
-        tokens, mask = pad_right(sequences)
-        device = self.model.device
-        tokens, mask, rows = tokens.to(device), mask.to(device), rows.to(device)
-        with torch.no_grad():
-            decoder = self.model.get_decoder() if hasattr(self.model, "get_decoder") else None
-            head = self.model.get_output_embeddings()
-            if decoder is not None and head is not None:
-                # The output layer only where it is read: full logits of a batch are large.
-                hidden = decoder(input_ids=tokens, attention_mask=mask, use_cache=False).last_hidden_state
-                logits = head(hidden[rows[:, 0], rows[:, 1]])
-            else:
-                logits = self.model(input_ids=tokens, attention_mask=mask, use_cache=False).logits
-                logits = logits[rows[:, 0], rows[:, 1]]
-        return to_host(pick_logprobs(logits, token_ids))
 
 
 def chunks_sharded_state(chunks: list) -> dict:
@@ -125,7 +92,7 @@ def load_checkpoint(chunks: list, path: str | Path) -> str:
 
     from nemo_upcycle.checkpoint.strict_load import map_names_and_check
     from nemo_upcycle.model.megatron_keys import key_prefix
-    from nemo_upcycle.upcycle.sources import CheckpointFormatError, TorchDistCheckpoint
+    from nemo_upcycle.checkpoint.sources.torch_dist import CheckpointFormatError, TorchDistCheckpoint
 
     try:
         checkpoint = TorchDistCheckpoint(path)  # the folder itself, or a NeMo 2 checkpoint's weights/

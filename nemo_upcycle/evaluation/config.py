@@ -4,33 +4,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-# eval.mmlu.scoring: "loglik" (cloze prompts) or "letter" (choices listed in the prompt).
-SCORINGS = ("loglik", "letter")
-
-
-@dataclass
-class MMLUConfig:
-    # Seeded subset of the 14,042 test questions; null = all of them, 0 = skip MMLU.
-    num_questions: Optional[int] = 200
-    # k-shot examples, drawn from the same subject (the question itself excluded).
-    shots: int = 0
-    seed: int = 1234
-    # "loglik": sum of the answer text's token log-probs after "Answer:" (cloze prompt);
-    # "letter": log-prob of " A"/" B"/" C"/" D" after "Answer:" (choices listed in the prompt).
-    scoring: str = "loglik"
-    # Sequences per forward pass.
-    batch_size: int = 8
-
-
-@dataclass
-class PPLConfig:
-    # Non-overlapping windows of held-out news text (gensim's lee_background.cor).
-    seq_length: int = 512
-    # Tokens scored in all (max_tokens // seq_length windows); 0 = skip perplexity.
-    max_tokens: int = 16384
-    # Windows per forward pass.
-    batch_size: int = 4
-
 
 @dataclass
 class EvalConfig:
@@ -38,10 +11,21 @@ class EvalConfig:
     # keys prefixed "module."), loaded at the configured layout; null = the dense model of
     # model.dense_checkpoint, upcycled to the configured moe (step 0; moe=dense: the dense model).
     checkpoint: Optional[str] = None
-    # A Hugging Face model folder, evaluated with transformers instead of megatron-core.
+    # A Hugging Face model folder, evaluated by lm-evaluation-harness's own hf model instead.
     hf_model: Optional[str] = None
     # python -m nemo_upcycle.train: evaluate the trained model in the training processes right
     # after the last step (no checkpoint round trip), writing ${log_dir}/eval/results.json.
     after_training: bool = False
-    mmlu: MMLUConfig = field(default_factory=MMLUConfig)
-    ppl: PPLConfig = field(default_factory=PPLConfig)
+    # lm-evaluation-harness tasks that run offline (nemo_upcycle/evaluation/tasks.py): mmlu, its
+    # groups and mmlu_<subject>, piqa, hellaswag, winogrande, copa, social_iqa, boolq, and
+    # heldout_news (perplexity of held-out news articles).
+    tasks: list[str] = field(default_factory=lambda: ["mmlu", "heldout_news"])
+    # Few-shot examples per question (MMLU: from its dev split); null = each task's own (0).
+    num_fewshot: Optional[int] = None
+    # Documents per task (per MMLU subject: limit=5 scores 285 questions); below 1, a
+    # fraction; null = all (the paper's way: 14,042 MMLU questions).
+    limit: Optional[float] = None
+    # Sequences per forward pass.
+    batch_size: int = 8
+    # The harness's seeds (few-shot sampling where a task samples).
+    seed: int = 1234

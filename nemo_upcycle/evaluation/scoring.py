@@ -1,21 +1,18 @@
-"""Batched log-likelihood scoring on any back end.
+"""Batched log-likelihood read-outs from a model that answers one question.
 
-A back end answers one question: for a batch of token sequences, the log-probability
-(log-softmax over the whole vocabulary) of some token ids at some positions. Everything
-else (continuation log-likelihoods for MMLU, perplexity windows, batching, padding,
-truncation) is built on that here, once, so the megatron-core and the transformers back ends
-give the same numbers for the same model.
+A back end (:class:`nemo_upcycle.evaluation.backends.MegatronBackend`) answers: for a batch of
+token sequences, the log-probability (log-softmax over the whole vocabulary) of some token ids
+at some positions, and the largest log-probability there (whether the token read is the greedy
+one). lm-evaluation-harness's requests (:mod:`nemo_upcycle.evaluation.harness`) are turned
+into :class:`Readout` items and batched here.
 
 Batches are right-padded: with causal attention a real token never sees a padding token, so
 the positions that are read are exact whatever the padding.
 """
 from __future__ import annotations
 
-import math
-import sys
-import time
 from dataclasses import dataclass
-from typing import Callable, Optional, Protocol, Sequence
+from typing import Optional, Protocol, Sequence
 
 import torch
 
@@ -29,23 +26,25 @@ class Backend(Protocol):
     def selected_logprobs(
         self, sequences: Sequence[Sequence[int]], rows: torch.Tensor, token_ids: torch.Tensor
     ) -> torch.Tensor:
-        """``out[n, k] = log p(token_ids[n, k] | sequences[rows[n, 0]][: rows[n, 1] + 1])``.
+        """``out[n, k] = log p(token_ids[n, k] | sequences[rows[n, 0]][: rows[n, 1] + 1])`` for
+        k < K, and ``out[n, K]`` = the largest log-probability at that position.
 
         ``rows``: (N, 2) long (sequence index, position); ``token_ids``: (N, K) long;
-        returns (N, K) float64, the same on every rank.
+        returns (N, K + 1) float64 on the host, the same on every rank.
         """
         ...
 
 
 def pick_logprobs(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-    """log_softmax(logits)[n, token_ids[n, k]] as float64, in slices to bound memory, on the
-    logits' device."""
+    """[log_softmax(logits)[n, token_ids[n, k]] for k, then max_v log_softmax(logits)[n, v]]
+    as float64, in slices to bound memory, on the logits' device."""
     token_ids = token_ids.to(logits.device)
-    out = torch.empty(token_ids.shape, dtype=torch.float64, device=logits.device)
+    out = torch.empty((token_ids.shape[0], token_ids.shape[1] + 1), dtype=torch.float64, device=logits.device)
     for start in range(0, logits.shape[0], LOG_SOFTMAX_ROWS):
         stop = start + LOG_SOFTMAX_ROWS
         block = torch.log_softmax(logits[start:stop].float(), dim=-1)
-        out[start:stop] = block.gather(1, token_ids[start:stop]).double()
+        out[start:stop, :-1] = block.gather(1, token_ids[start:stop]).double()
+        out[start:stop, -1] = block.max(dim=-1).values.double()
     return out
 
 
@@ -62,40 +61,32 @@ def pad_right(sequences: Sequence[Sequence[int]], multiple: int = 1, pad_id: int
 
 
 @dataclass
-class _Item:
-    """One sequence to run and what to read from it."""
+class Readout:
+    """One sequence to run and what to read from it: at ``positions[i]`` the log-probs of the
+    ids ``token_ids[i]``."""
 
     tokens: list[int]
     positions: list[int]
-    token_ids: list[list[int]]  # per position, the ids whose log-probs are wanted
-    owner: tuple  # where the values go
+    token_ids: list[list[int]]
 
 
-class Progress:
-    """Occasional progress lines on stderr (rank 0 only), for long CPU runs."""
+@dataclass
+class Read:
+    """What came back for one position: the wanted ids' log-probs and the largest one."""
 
-    def __init__(self, label: str, total: int, enabled: bool, every_s: float = 30.0):
-        self.label, self.total, self.enabled, self.every_s = label, total, enabled, every_s
-        self.started = self.last = time.perf_counter()
-        self.done = 0
-
-    def update(self, n: int) -> None:
-        self.done += n
-        now = time.perf_counter()
-        if self.enabled and (now - self.last >= self.every_s or self.done == self.total):
-            self.last = now
-            rate = self.done / max(now - self.started, 1e-9)
-            eta = (self.total - self.done) / max(rate, 1e-9)
-            print(f"[{self.label}] {self.done}/{self.total} sequences, {now - self.started:.0f}s, "
-                  f"eta {eta:.0f}s", file=sys.stderr, flush=True)
+    logprobs: list[float]
+    best: float
 
 
-def _run_items(backend: Backend, items: list[_Item], batch_size: int, progress: Optional[Progress]) -> list[list[list[float]]]:
-    """Values per item (per position, per token id). Items are batched longest first."""
+def run_readouts(backend: Backend, items: Sequence[Readout], batch_size: int, progress=None) -> list[list[Read]]:
+    """Per item, per position, the :class:`Read`. Items run longest first, ``batch_size`` at a
+    time (similar lengths share a batch: less padding); ``progress`` (a tqdm bar) advances by
+    items."""
     order = sorted(range(len(items)), key=lambda i: (-len(items[i].tokens), i))
     values: list = [None] * len(items)
     for start in range(0, len(order), batch_size):
-        batch = [items[i] for i in order[start:start + batch_size]]
+        batch_ids = order[start:start + batch_size]
+        batch = [items[i] for i in batch_ids]
         k = max(len(ids) for item in batch for ids in item.token_ids)
         rows, ids = [], []
         for b, item in enumerate(batch):
@@ -106,112 +97,71 @@ def _run_items(backend: Backend, items: list[_Item], batch_size: int, progress: 
             [item.tokens for item in batch],
             torch.tensor(rows, dtype=torch.long).view(-1, 2),
             torch.tensor(ids, dtype=torch.long).view(-1, k),
-        )
+        ).tolist()
         cursor = 0
-        for index, item in zip(order[start:start + batch_size], batch):
-            per_pos = []
+        for index, item in zip(batch_ids, batch):
+            reads = []
             for wanted in item.token_ids:
-                per_pos.append(out[cursor, : len(wanted)].tolist())
+                reads.append(Read(out[cursor][: len(wanted)], out[cursor][-1]))
                 cursor += 1
-            values[index] = per_pos
+            values[index] = reads
         if progress is not None:
             progress.update(len(batch))
     return values
 
 
-def continuation_items(
-    contexts: Sequence[Sequence[int]], continuations: Sequence[Sequence[Sequence[int]]], max_length: int
-) -> list[_Item]:
-    """Sequences whose read-outs give log p(continuation | context) for every choice.
+def continuation_readouts(requests: Sequence[tuple[Sequence[int], Sequence[int]]], max_length: int) -> tuple[list[Readout], list[tuple[int, int]]]:
+    """Readouts that give log p(continuation | context) for each (context, continuation) pair,
+    truncated as lm-evaluation-harness's Hugging Face model does: the model sees
+    ``(context + continuation)[-(max_length + 1):][:-1]``.
 
-    When every choice of a request is a single token (letters), one sequence (the context)
-    is enough: the choices are read at its last position. Otherwise each choice runs as
-    context + continuation (without its last token, which is only predicted). Contexts
-    that do not fit ``max_length`` lose their oldest tokens (at least one is kept).
+    Requests with the same context and one-token continuations (multiple-choice letters) share
+    one sequence, read once at its last position. Returns the readouts and, per request,
+    (readout index, index of its id in that readout's last position, or -1 for a whole
+    continuation read position by position).
     """
-    items = []
-    for r, (ctx, conts) in enumerate(zip(contexts, continuations)):
-        if any(len(c) == 0 for c in conts):
+    items: list[Readout] = []
+    where: list[tuple[int, int]] = []
+    shared: dict[tuple[int, ...], int] = {}
+    for r, (ctx, cont) in enumerate(requests):
+        if not cont:
             raise ValueError(f"request {r}: an empty continuation cannot be scored")
-        if not ctx:
+        whole = (list(ctx) + list(cont))[-(max_length + 1):]
+        tokens = whole[:-1]
+        if not tokens:
             raise ValueError(f"request {r}: an empty context cannot be scored")
-        if all(len(c) == 1 for c in conts):
-            tokens = list(ctx)[-max_length:]
-            items.append(_Item(tokens, [len(tokens) - 1], [[c[0] for c in conts]], (r, None)))
+        if len(cont) == 1:
+            key = tuple(tokens)
+            if key not in shared:
+                shared[key] = len(items)
+                items.append(Readout(tokens, [len(tokens) - 1], [[]]))
+            item = items[shared[key]]
+            where.append((shared[key], len(item.token_ids[0])))
+            item.token_ids[0].append(cont[0])
             continue
-        for j, cont in enumerate(conts):
-            # An answer longer than the model's positions (tiny byte-level models) is scored
-            # on its first max_length tokens, after one context token.
-            cont = list(cont)[:max_length]
-            keep = max_length - len(cont) + 1
-            ctx_j = list(ctx)[-keep:]
-            tokens = (ctx_j + cont)[:-1]
-            positions = list(range(len(ctx_j) - 1, len(ctx_j) - 1 + len(cont)))
-            items.append(_Item(tokens, positions, [[t] for t in cont], (r, j)))
-    return items
+        n = min(len(cont), len(tokens))  # a continuation longer than the window: its last tokens
+        positions = list(range(len(tokens) - n, len(tokens)))
+        items.append(Readout(tokens, positions, [[t] for t in whole[len(whole) - n:]]))
+        where.append((len(items) - 1, -1))
+    return items, where
 
 
-def score_continuations(
-    backend: Backend,
-    contexts: Sequence[Sequence[int]],
-    continuations: Sequence[Sequence[Sequence[int]]],
-    batch_size: int = 8,
-    progress: Optional[Progress] = None,
-) -> list[list[float]]:
-    """``scores[r][j] = sum_t log p(continuations[r][j][t] | contexts[r] + continuations[r][j][:t])``."""
-    items = continuation_items(contexts, continuations, backend.max_length)
+def continuation_loglikelihoods(backend: Backend, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+                                batch_size: int, progress=None) -> list[tuple[float, bool]]:
+    """``(sum_t log p(cont[t] | ctx + cont[:t]), every cont[t] greedy)`` per (ctx, cont) request:
+    lm-evaluation-harness's ``loglikelihood`` answer."""
+    import math
+
+    items, where = continuation_readouts(requests, backend.max_length)
     if progress is not None:
-        progress.total = len(items)
-    values = _run_items(backend, items, batch_size, progress)
-    scores = [[0.0] * len(conts) for conts in continuations]
-    for item, v in zip(items, values):
-        r, j = item.owner
-        if j is None:
-            scores[r] = list(v[0])
+        progress.reset(total=len(items))
+    values = run_readouts(backend, items, batch_size, progress)
+    answers: list[tuple[float, bool]] = []
+    for item_index, slot in where:
+        reads = values[item_index]
+        if slot >= 0:
+            read = reads[0]
+            answers.append((read.logprobs[slot], read.logprobs[slot] >= read.best))
         else:
-            scores[r][j] = math.fsum(x[0] for x in v)
-    return scores
-
-
-def perplexity(
-    backend: Backend,
-    token_ids: Sequence[int],
-    seq_length: int,
-    max_tokens: int,
-    batch_size: int = 4,
-    progress: Optional[Progress] = None,
-) -> dict:
-    """Perplexity over non-overlapping windows of ``seq_length`` tokens (each scored from its start)."""
-    if seq_length < 2:
-        raise ValueError(f"eval.ppl.seq_length={seq_length} must be >= 2")
-    if seq_length > backend.max_length:
-        raise ValueError(f"eval.ppl.seq_length={seq_length} exceeds the model's {backend.max_length} positions")
-    windows = min(max_tokens, len(token_ids)) // seq_length
-    if windows < 1:
-        raise ValueError(
-            f"eval.ppl: {len(token_ids)} tokens of text and max_tokens={max_tokens} leave no "
-            f"window of seq_length={seq_length}"
-        )
-    items = []
-    for w in range(windows):
-        window = list(token_ids[w * seq_length:(w + 1) * seq_length])
-        items.append(_Item(window[:-1], list(range(seq_length - 1)), [[t] for t in window[1:]], (w,)))
-    if progress is not None:
-        progress.total = len(items)
-    values = _run_items(backend, items, batch_size, progress)
-    nll = -math.fsum(x[0] for v in values for x in v)
-    scored = windows * (seq_length - 1)
-    return {
-        "ppl": math.exp(nll / scored),
-        "nll_per_token": nll / scored,
-        "tokens_scored": scored,
-        "windows": windows,
-        "seq_length": seq_length,
-    }
-
-
-def scorer_for(backend: Backend, batch_size: int, progress: Optional[Progress] = None) -> Callable:
-    """``score_continuations`` bound to a back end, as :func:`evaluate_mmlu` expects."""
-    def score(contexts, continuations):
-        return score_continuations(backend, contexts, continuations, batch_size, progress)
-    return score
+            answers.append((math.fsum(r.logprobs[0] for r in reads), all(r.logprobs[0] >= r.best for r in reads)))
+    return answers

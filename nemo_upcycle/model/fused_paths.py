@@ -12,7 +12,20 @@ import functools
 import logging
 from dataclasses import dataclass, fields
 
+from nemo_upcycle.platform.device import gpu_available
+
 log = logging.getLogger("nemo_upcycle.fused_paths")
+
+
+def transformer_engine_available() -> bool:
+    """TE is used when installed and a GPU is present (the NGC container)."""
+    if not gpu_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -20,7 +33,7 @@ class Availability:
     """What this machine offers (see :func:`probe`)."""
 
     gpu: bool
-    # Transformer Engine importable and usable (nemo_upcycle.model.modeling.transformer_engine_available).
+    # Transformer Engine importable and usable (:func:`transformer_engine_available`).
     transformer_engine: bool
     # apex's fused_weight_gradient_mlp_cuda: megatron's own linear layers need it for
     # gradient-accumulation fusion (tensor_parallel.layers._grad_accum_fusion_available).
@@ -131,9 +144,6 @@ def _megatron_has(module: str, *names: str) -> bool:
 
 def probe() -> Availability:
     """What this machine offers, read from the names megatron-core itself checks."""
-    from nemo_upcycle.model.modeling import transformer_engine_available
-    from nemo_upcycle.platform.cpu import gpu_available
-
     if not gpu_available():
         return Availability(gpu=False, transformer_engine=False)
     from megatron.core.tensor_parallel import layers

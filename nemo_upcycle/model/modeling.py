@@ -14,21 +14,10 @@ import torch.nn.functional as F
 
 from nemo_upcycle.checkpoint.architecture import effective_head_dim
 from nemo_upcycle.config.parallel_sizes import expert_tensor_parallel
-from nemo_upcycle.model.fused_paths import fused_paths_for_this_machine
-from nemo_upcycle.platform.cpu import gpu_available
+from nemo_upcycle.model.fused_paths import fused_paths_for_this_machine, transformer_engine_available
+from nemo_upcycle.platform.device import gpu_available
 from nemo_upcycle.model.rope_scaling import apply_rope_scaling
 from nemo_upcycle.upcycle.spec import UpcycleSpec
-
-
-def transformer_engine_available() -> bool:
-    """TE is used when installed and a GPU is present (the NGC container)."""
-    if not gpu_available():
-        return False
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def default_params_dtype() -> torch.dtype:
@@ -45,6 +34,13 @@ def params_dtype_for(cfg: Any) -> torch.dtype:
 
     precision = cfg.trainer.precision
     return default_params_dtype() if precision == "auto" else getattr(torch, PARAMS_DTYPE_NAMES[precision])
+
+
+def trains_in_bf16(cfg: Any) -> bool:
+    """Whether the parameters are bf16: then (and only then) NeMo's bf16 mixed precision and
+    megatron's fp32 master weights are on (training/job.py). Read from the dtype the model is
+    built in, never from the spelling of ``trainer.precision``."""
+    return params_dtype_for(cfg) == torch.bfloat16
 
 
 def is_moe(cfg: Any) -> bool:

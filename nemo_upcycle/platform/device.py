@@ -22,7 +22,11 @@ from typing import BinaryIO, Callable, Optional
 
 import torch
 
-from nemo_upcycle.platform.cpu import gpu_available
+
+def gpu_available() -> bool:
+    """Whether this process runs on a GPU (CUDA); else everything is on the CPU (gloo, and the
+    CPU support of nemo_upcycle/compat/)."""
+    return torch.cuda.is_available()
 
 
 def compute_device() -> torch.device:

@@ -7,7 +7,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from nemo_upcycle.platform.cpu import enable_cpu_support, gpu_available
+from nemo_upcycle.compat.cpu import enable_cpu_support
+from nemo_upcycle.platform.device import gpu_available
 from nemo_upcycle.platform.launcher_env import LaunchEnv, export_torch_env, read_launch_env
 
 

@@ -33,14 +33,14 @@ def peak_flops_per_device(override_tflops: Optional[float]) -> Optional[float]:
         return override_tflops * 1e12
     if not torch.cuda.is_available():
         return None
-    from nemo_upcycle.capacity.budget import gpu_for_device_name
+    from nemo_upcycle.planner.budget import gpu_for_device_name
     from nemo_upcycle.platform.launcher_env import is_rank0
 
     name = torch.cuda.get_device_name()
     gpu = gpu_for_device_name(name)
     if gpu is None:
         if is_rank0():
-            log.warning(f"MFU is not reported: the peak FLOP/s table (nemo_upcycle/capacity/budget.py) does not "
+            log.warning(f"MFU is not reported: the peak FLOP/s table (nemo_upcycle/planner/budget.py) does not "
                         f"know the device {name!r}; set trainer.peak_tflops=<its dense bf16 TFLOP/s>")
         return None
     return gpu.bf16_tflops * 1e12

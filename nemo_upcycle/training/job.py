@@ -12,15 +12,12 @@ from typing import Any, Optional
 
 import torch
 
-from nemo_upcycle.platform.cpu import gpu_available
+from nemo_upcycle.checkpoint.trained_checkpoint import RUN_NAME, checkpoint_dir
+from nemo_upcycle.model.modeling import params_dtype_for, trains_in_bf16
+from nemo_upcycle.platform.device import gpu_available
 from nemo_upcycle.platform.launcher_env import read_launch_env
 
 log = logging.getLogger(__name__)
-RUN_NAME = "upcycle"
-
-
-def checkpoint_dir(cfg: Any) -> Path:
-    return Path(cfg.log_dir) / RUN_NAME / "checkpoints"
 
 
 def resumable_checkpoint(cfg: Any) -> Optional[Path]:
@@ -68,6 +65,7 @@ def build_trainer(cfg: Any, callbacks: list):
     import nemo.lightning as nl
     from megatron.core.distributed import DistributedDataParallelConfig
 
+    from nemo_upcycle.compat.nemo_strategy import hook_strategy
     from nemo_upcycle.training.callbacks import CheckpointMessages
 
     par, tr = cfg.parallel, cfg.trainer
@@ -91,7 +89,7 @@ def build_trainer(cfg: Any, callbacks: list):
         ckpt_async_save=gpu_available(),
         ckpt_parallel_save=True,
         # For the optimizer's states (fitted to this layout: optimizer_state.py); model weights
-        # are mapped to the checkpoint's names and checked strictly first (_load_model_weights_strictly).
+        # are mapped to the checkpoint's names and checked strictly first (compat/nemo_strategy.py).
         ckpt_load_strictness="log_all",
         # The distributed optimizer's state in model space (like the plain optimizer's), so its
         # checkpoints resume at any TP/PP/EP/DP layout; NeMo's default ("dp_reshardable", flat
@@ -99,12 +97,9 @@ def build_trainer(cfg: Any, callbacks: list):
         # model-parallel shard's state over its data-parallel group first.
         ckpt_optim_fully_reshardable=tr.distributed_optimizer,
     )
-    # NeMo 2.7.3 bug: its ProgressPrinter gathers megatron's timers across all ranks but is
-    # called on rank 0 only, so the first logged step deadlocks any multi-rank job whose
-    # timers recorded something. Without timers megatron records nothing to gather.
-    strategy.timers = None
-    _fit_optimizer_state_on_load(strategy)
-    _load_model_weights_strictly(strategy)
+    # No megatron timers (a NeMo 2.7.3 deadlock), optimizer states fitted to this layout and model
+    # weights loaded strictly on resume: hooks into NeMo's internals, in nemo_upcycle/compat/.
+    hook_strategy(strategy)
     checkpoint = None if tr.checkpoint_every_n_steps == 0 else nl.ModelCheckpoint(
         every_n_train_steps=tr.checkpoint_every_n_steps,
         # Only "<name>-last" is kept (what AutoResume resumes from): with Adam's states an
@@ -150,69 +145,8 @@ def build_trainer(cfg: Any, callbacks: list):
     return trainer, logger
 
 
-def _load_model_weights_strictly(strategy) -> None:
-    """Resume maps the checkpoint's names (either layer spec's) onto the model's and refuses a
-    model weight missing on either side (nemo_upcycle.checkpoint.strict_load), where megatron's
-    "log_all" would leave it at its initial value. Hooked into the checkpoint IO's load for the
-    duration of NeMo's own load, which builds the sharded state dict it is handed."""
-    from nemo_upcycle.checkpoint.strict_load import map_names_and_check
-
-    load = strategy.load_checkpoint
-
-    def load_checkpoint(checkpoint_path, selective_restore: bool = False):
-        checkpoint_io = strategy.checkpoint_io
-        io_load = checkpoint_io.load_checkpoint
-
-        def strict_load(path, sharded_state_dict=None, **kwargs):
-            map_names_and_check(
-                sharded_state_dict, sharded_state_dict["state_dict"], path, f"resuming from {checkpoint_path}",
-                "Resume it with the model/moe/router configuration that trained it, or train into a new log_dir.")
-            return io_load(path, sharded_state_dict=sharded_state_dict, **kwargs)
-
-        checkpoint_io.load_checkpoint = strict_load
-        try:
-            return load(checkpoint_path, selective_restore=selective_restore)
-        finally:
-            del checkpoint_io.load_checkpoint  # the class's method again
-
-    strategy.load_checkpoint = load_checkpoint
-
-
-def _fit_optimizer_state_on_load(strategy) -> None:
-    """Resuming at EP1 from EP > 1 (or back) changes how megatron chains its optimizers: the
-    loaded optimizer state is put in the current structure first (see ``optimizer_state``)."""
-    from nemo_upcycle.training.optimizer_state import fit_optimizer_state
-
-    load = strategy.load_optimizer_state_dict
-
-    def load_optimizer_state_dict(checkpoint, selective_restore: bool = False):
-        if "optimizer" in checkpoint:
-            checkpoint["optimizer"] = [fit_optimizer_state(opt.mcore_optimizer, state) if hasattr(opt, "mcore_optimizer")
-                                       else state for opt, state in zip(strategy.optimizers, checkpoint["optimizer"])]
-        # The LR schedulers (restored next) keep one entry per param group (base_lrs, ...): the
-        # current ones, from the same config, where the number of groups changed.
-        for config, saved in zip(strategy.lr_scheduler_configs, checkpoint.get("lr_schedulers", [])):
-            current = config.scheduler.state_dict()
-            for key, value in saved.items():
-                if isinstance(value, list) and isinstance(current.get(key), list) and len(value) != len(current[key]):
-                    saved[key] = current[key]
-        return load(checkpoint, selective_restore=selective_restore)
-
-    strategy.load_optimizer_state_dict = load_optimizer_state_dict
-
-
-def trains_in_bf16(cfg: Any) -> bool:
-    """Whether the parameters are bf16: then (and only then) NeMo's bf16 mixed precision and
-    megatron's fp32 master weights are on. Read from the dtype the model is built in, never
-    from the spelling of ``trainer.precision``."""
-    from nemo_upcycle.model.modeling import params_dtype_for
-
-    return params_dtype_for(cfg) == torch.bfloat16
-
-
 def precision_line(cfg: Any) -> str:
     """The training log's statement of the dtype that runs (the console shows it once)."""
-    from nemo_upcycle.model.modeling import params_dtype_for
     from nemo_upcycle.platform.device import describe
 
     dtype = params_dtype_for(cfg)
@@ -314,16 +248,16 @@ def run_training(cfg: Any) -> dict:
     from nemo.collections import llm
     from nemo.lightning import AutoResume
 
-    from nemo_upcycle.checkpoint.dense_source import open_dense_source
-    from nemo_upcycle.checkpoint.tokenizer_files import tokenizer_folder, tokenizer_only_folder
+    from nemo_upcycle.checkpoint.sources.dense_source import open_dense_source
+    from nemo_upcycle.checkpoint.hf.tokenizer_files import tokenizer_folder, tokenizer_only_folder
     from nemo_upcycle.data.prepare import resolve_data_paths
     from nemo_upcycle.training.callbacks import UpcycleMetrics
     from nemo_upcycle.training.guards import TrainingGuards
     from nemo_upcycle.training.preemption import PreemptionStop
-    from nemo_upcycle.training.cpu_compat import enable_nemo_cpu_support
+    from nemo_upcycle.compat.nemo_cpu import enable_nemo_cpu_support
     from nemo_upcycle.training.model_config import make_gpt_config
     from nemo_upcycle.training.optimizer_state import check_optimizer_matches_checkpoint
-    from nemo_upcycle.capacity.flops import flops_per_token
+    from nemo_upcycle.planner.flops import flops_per_token
 
     enable_nemo_cpu_support()
     resume_from = resumable_checkpoint(cfg)
@@ -365,7 +299,7 @@ def _after_training(cfg: Any, model, trainer, metrics, tokenizer_path, resume_fr
         from nemo_upcycle.evaluation.after_training import evaluate_trained_model
 
         result = evaluate_trained_model(cfg, model, tokenizer_path, trainer.loggers, trainer.global_step)
-        summary.update(mmlu_acc=result["mmlu_acc"], ppl=result["ppl"])
+        summary.update({k: result["summary"][k] for k in ("mmlu_acc", "ppl") if k in result["summary"]})
     return summary
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from megatron.core.optimizer.optimizer import param_group_identifier_keys
 
-from nemo_upcycle.checkpoint.nemo2_context import model_config
+from nemo_upcycle.checkpoint.sources.nemo2_context import model_config
 from nemo_upcycle.config.parallel_sizes import expert_tensor_parallel
 
 _EXPERT_KEY = param_group_identifier_keys.index("is_expert_parallel")

@@ -67,9 +67,9 @@ def checkpoint_weight_bytes(cfg: Any) -> int:
     distributed optimizer saves its fp32 main params even for fp32 weights (fully reshardable
     format, ``training/job.py``): 16 bytes with fp32.
     """
-    from nemo_upcycle.training.job import trains_in_bf16
-    from nemo_upcycle.capacity.memory import Precision
-    from nemo_upcycle.capacity.params import model_params
+    from nemo_upcycle.model.modeling import trains_in_bf16
+    from nemo_upcycle.planner.memory import Precision
+    from nemo_upcycle.planner.params import model_params
 
     precision = Precision(param_bytes=2 if trains_in_bf16(cfg) else 4)
     fp32_main_copy = 4 if cfg.trainer.distributed_optimizer and not trains_in_bf16(cfg) else 0
@@ -90,9 +90,9 @@ def checkpoint_bytes(cfg: Any) -> int:
     NeMo's ``context/`` copies the whole tokenizer folder into every checkpoint (for the
     embedded SmolLM2 that folder also holds the 538 MB dense safetensors), so it counts too.
     """
-    from nemo_upcycle.checkpoint.tokenizer_files import tokenizer_files, tokenizer_folder
+    from nemo_upcycle.checkpoint.hf.tokenizer_files import tokenizer_files, tokenizer_folder
 
-    # NeMo is handed the tokenizer files alone (nemo_upcycle.checkpoint.tokenizer_files).
+    # NeMo is handed the tokenizer files alone (nemo_upcycle.checkpoint.hf.tokenizer_files).
     tokenizer = sum(f.stat().st_size for f in tokenizer_files(tokenizer_folder(cfg, import_embedded=False)))
     return checkpoint_weight_bytes(cfg) + tokenizer
 
@@ -107,7 +107,7 @@ def checkpoints_on_disk_at_peak(trainer: Any) -> int:
 
 
 def check_disk_space(cfg: Any) -> None:
-    from nemo_upcycle.training.job import checkpoint_dir
+    from nemo_upcycle.checkpoint.trained_checkpoint import checkpoint_dir
 
     copies = checkpoints_on_disk_at_peak(cfg.trainer)
     if copies == 0:
@@ -135,7 +135,7 @@ def _gb(n: int) -> str:
 
 
 def _params(cfg: Any) -> str:
-    from nemo_upcycle.capacity.params import model_params
+    from nemo_upcycle.planner.params import model_params
 
     return f"{model_params(cfg).total:,}"
 
@@ -143,7 +143,7 @@ def _params(cfg: Any) -> str:
 def check_tokenizer(cfg: Any) -> None:
     from omegaconf import OmegaConf
 
-    from nemo_upcycle.checkpoint.tokenizer_files import tokenizer_folder
+    from nemo_upcycle.checkpoint.hf.tokenizer_files import tokenizer_folder
 
     if tokenizer_folder(cfg, import_embedded=False) is None:
         # A relaunch's dense_checkpoint is MISSING (the trained checkpoint stands alone): select, not read.
@@ -159,7 +159,7 @@ def check_data(cfg: Any) -> list:
     """Tokenize the data if it is not yet (rank 0, into the cache), state its tokens and the
     epochs this run makes of it, and refuse more than a few (nemo_upcycle/data/epochs.py).
     Returns the blend list the job trains on."""
-    from nemo_upcycle.checkpoint.tokenizer_files import tokenizer_folder
+    from nemo_upcycle.checkpoint.hf.tokenizer_files import tokenizer_folder
     from nemo_upcycle.data.epochs import check_repeats, data_budget, describe
     from nemo_upcycle.data.prepare import resolve_data_paths
     from nemo_upcycle.platform.launcher_env import print_rank0

@@ -23,7 +23,7 @@ def upcycle_chunk(chunk, job_cfg: Any, dense_checkpoint: Optional[str]) -> Optio
     if dense_checkpoint is None:
         log.info("resuming from an MoE checkpoint: not upcycling")
         return None
-    from nemo_upcycle.checkpoint.dense_source import open_dense_source
+    from nemo_upcycle.checkpoint.sources.dense_source import open_dense_source
     from nemo_upcycle.upcycle.engine import upcycle_from_dense
 
     report = upcycle_from_dense([chunk], job_cfg, open_dense_source(job_cfg))

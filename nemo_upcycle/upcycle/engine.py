@@ -12,7 +12,7 @@ from nemo_upcycle.upcycle.errors import UpcycleError
 from nemo_upcycle.upcycle.local_model import RankCoordinates
 from nemo_upcycle.upcycle.plan import PlanEntry, UpcyclePlan, plan_upcycle
 from nemo_upcycle.upcycle.router_init import router_weights
-from nemo_upcycle.upcycle.sources import DenseSource, SliceRequest
+from nemo_upcycle.checkpoint.sources.slices import DenseSource, SliceRequest
 from nemo_upcycle.upcycle.spec import UpcycleSpec
 from nemo_upcycle.upcycle.walk_megatron import describe_chunks
 

@@ -29,7 +29,7 @@ class RouterRow:
     # Why, for the message when another one is configured ("" : just "needs ...").
     balancing_reason: str = ""
     # The routing megatron-core computes with this router in eval mode, which an exported
-    # model must compute (checkpoint/export_targets.py): "topk_softmax" (softmax over the k
+    # model must compute (checkpoint/hf/export_targets.py): "topk_softmax" (softmax over the k
     # chosen logits), "softmax_topk" (softmax over all experts, top-k, not renormalised) or
     # "sigmoid_bias" (sigmoid scores, a per-expert bias added for the choice only, the
     # chosen scores renormalised when k > 1); and, when it differs, with one chosen expert.

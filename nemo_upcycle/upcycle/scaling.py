@@ -12,31 +12,27 @@
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from nemo_upcycle.upcycle.spec import UpcycleSpec
-
-
-def scaling_mode(spec: "UpcycleSpec") -> str:
-    """"none", "fc2_granularity" or "cube_root"."""
-    if not spec.is_moe or spec.weight_scaling == "none":
+def scaling_mode(weight_scaling: str, auto_scaling: str, coarse_experts: int, granularity: int) -> str:
+    """"none", "fc2_granularity" or "cube_root": ``moe.weight_scaling`` ("auto" | "none" |
+    "cube_root"), where "auto" is the router's own rule (``auto_scaling`` of its router row);
+    a dense model (``coarse_experts`` E = 0) is never scaled."""
+    if coarse_experts <= 0 or weight_scaling == "none":
         return "none"
-    if spec.weight_scaling == "cube_root":
+    if weight_scaling == "cube_root":
         return "cube_root"
-    mode = spec.router.auto_scaling
-    if mode == "fc2_granularity" and spec.granularity == 1:
+    if auto_scaling == "fc2_granularity" and granularity == 1:
         return "none"
-    return mode
+    return auto_scaling
 
 
-def scale_factors(spec: "UpcycleSpec") -> tuple[float, float]:
-    """(factor for fc1, factor for fc2)."""
-    mode = scaling_mode(spec)
+def scale_factors(mode: str, num_experts: int, coarse_topk: int, granularity: int) -> tuple[float, float]:
+    """(factor for fc1, factor for fc2) of ``mode`` (:func:`scaling_mode`), for E·G experts
+    (``num_experts``) routed top-T (``coarse_topk``)."""
     if mode == "fc2_granularity":
-        return 1.0, float(spec.granularity)
+        return 1.0, float(granularity)
     if mode == "cube_root":
         # He et al.'s E·G²/T with T counted in fine-grained experts: (E·G/T)^(1/3), T coarse.
-        factor = (spec.num_experts / spec.coarse_topk) ** (1.0 / 3.0)
+        factor = (num_experts / coarse_topk) ** (1.0 / 3.0)
         return factor, factor
     return 1.0, 1.0

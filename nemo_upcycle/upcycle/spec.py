@@ -65,8 +65,9 @@ class UpcycleSpec:
 
     def scaling_mode(self) -> str:
         """"none", "fc2_granularity" or "cube_root" (see nemo_upcycle.upcycle.scaling)."""
-        return scaling.scaling_mode(self)
+        return scaling.scaling_mode(self.weight_scaling, self.router.auto_scaling, self.coarse_experts,
+                                    self.granularity)
 
     def scale_factors(self) -> tuple[float, float]:
         """(factor for fc1, factor for fc2), see nemo_upcycle.upcycle.scaling."""
-        return scaling.scale_factors(self)
+        return scaling.scale_factors(self.scaling_mode(), self.num_experts, self.coarse_topk, self.granularity)

@@ -52,8 +52,8 @@ def verify_seq_length(cfg: DictConfig) -> tuple[int, str]:
 
 def run_verify(cfg: DictConfig) -> dict:
     """Logit differences (dense vs MoE, megatron vs transformers) and tolerances, on every rank."""
-    from nemo_upcycle.checkpoint.dense_source import open_dense_source
-    from nemo_upcycle.checkpoint.tokenizer_files import tokenizer_folder
+    from nemo_upcycle.checkpoint.sources.dense_source import open_dense_source
+    from nemo_upcycle.checkpoint.hf.tokenizer_files import tokenizer_folder
     from nemo_upcycle.platform.launcher_env import print_rank0
     from nemo_upcycle.data.text import heldout_batch
     from nemo_upcycle.metrics.router_stats import RouterStatsCollector
@@ -121,7 +121,7 @@ def transformers_difference(cfg: DictConfig, source, tokens, dense_logits) -> Op
     tokens, when the dense source is (or came from) a Hugging Face folder; None otherwise."""
     from megatron.core import parallel_state
 
-    from nemo_upcycle.checkpoint.transformers_reference import reference_folder, vocab_slice_logits
+    from nemo_upcycle.checkpoint.hf.transformers_reference import reference_folder, vocab_slice_logits
     from nemo_upcycle.platform.launcher_env import print_rank0
 
     if not cfg.verify.transformers:

@@ -1,4 +1,4 @@
-"""Rank functions of the checkpoint import/export tests (see nemo_upcycle.testing.multirank)."""
+"""Rank functions of the checkpoint import/export tests (see tests.support.multirank)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -96,7 +96,7 @@ def upcycled_from_folder_vs_dense(overrides: list[str], hf_dir: str, dense_path:
     """Upcycle at this layout straight from an HF safetensors folder (open_dense_source) and
     compare with the dense model loaded by megatron-core from a torch_dist checkpoint."""
     from nemo_upcycle.config.compose import compose_config
-    from nemo_upcycle.checkpoint.dense_source import open_dense_source
+    from nemo_upcycle.checkpoint.sources.dense_source import open_dense_source
     from nemo_upcycle.model.forward import run_schedule
     from nemo_upcycle.model.modeling import build_model_chunks
     from nemo_upcycle.upcycle.engine import upcycle_from_dense

@@ -1,4 +1,4 @@
-"""Rank functions of tests/test_evaluate.py (run through nemo_upcycle.testing.multirank)."""
+"""Rank functions of tests/test_evaluate.py (run through tests.support.multirank)."""
 from __future__ import annotations
 
 import os
@@ -15,7 +15,7 @@ def make_tiny_hf_and_import(hf_dir: str, torch_dist_dir: str, seed: int = 0) -> 
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from nemo_upcycle.checkpoint.importer import run_import
+    from nemo_upcycle.checkpoint.convert.importer import run_import
 
     torch.manual_seed(seed)
     config = LlamaConfig(
@@ -33,15 +33,16 @@ def make_tiny_hf_and_import(hf_dir: str, torch_dist_dir: str, seed: int = 0) -> 
     return {"ok": True}
 
 
+def per_request(samples: list[dict]) -> dict:
+    """The harness's samples as (task, doc_id) and their log-likelihoods, in a fixed order."""
+    ordered = sorted(samples, key=lambda s: (s["task"], s["doc_id"]))
+    lls = [[r[0] if isinstance(r, list) else r for r in s["filtered_resps"]] for s in ordered]
+    return {"requests": [[s["task"], s["doc_id"]] for s in ordered], "lls": lls}
+
+
 def _summary(result: dict) -> dict:
-    return {
-        "mmlu_acc": result["mmlu_acc"],
-        "n": result["n"],
-        "ppl": result["ppl"],
-        "scores": [q["scores"] for q in result["mmlu"]["questions"]] if result["mmlu"] else [],
-        "ids": [q["id"] for q in result["mmlu"]["questions"]] if result["mmlu"] else [],
-        "model": result["model"],
-    }
+    samples = [{"task": task, **s} for task, task_samples in result["samples"].items() for s in task_samples]
+    return {"summary": result["summary"], "model": result["model"], **per_request(samples)}
 
 
 def evaluate(overrides: list[str]) -> dict:
@@ -66,7 +67,7 @@ def save_upcycled_nemo_layout(overrides: list[str], out_dir: str) -> dict:
     from megatron.core import dist_checkpointing
 
     from nemo_upcycle.config.compose import compose_config
-    from nemo_upcycle.checkpoint.dense_source import open_dense_source
+    from nemo_upcycle.checkpoint.sources.dense_source import open_dense_source
     from nemo_upcycle.evaluation.backends import chunks_sharded_state
     from nemo_upcycle.model.megatron_keys import prefix_sharded_keys
     from nemo_upcycle.model.modeling import build_model_chunks

@@ -104,14 +104,14 @@ def nemo_restored_logits(checkpoint, tokens: torch.Tensor) -> torch.Tensor:
     from nemo.lightning import io
 
     from nemo_upcycle.model.forward import run_schedule
-    from nemo_upcycle.training.cpu_compat import enable_nemo_cpu_support
+    from nemo_upcycle.compat.nemo_cpu import enable_nemo_cpu_support
 
     enable_nemo_cpu_support()
     model = io.load_context(Path(checkpoint) / "context", subpath="model")
     assert model.config.upcycle_from is None, model.config.upcycle_from
     trainer = nl.Trainer(accelerator="cpu", devices=1, strategy=nl.MegatronStrategy(ckpt_load_strictness="log_all"),
                          logger=False, enable_checkpointing=False, enable_progress_bar=False)
-    trainer.strategy.timers = None  # as training/job.py: NeMo 2.7.3 gathers megatron's timers from rank 0 only
+    trainer.strategy.timers = None  # as compat/nemo_strategy.py: NeMo 2.7.3 gathers megatron's timers from rank 0 only
     _setup_trainer_and_restore_model(path=Path(checkpoint), trainer=trainer, model=model)
     chunks = [unwrap_model(chunk) for chunk in model.trainer.strategy.megatron_parallel]
     for chunk in chunks:

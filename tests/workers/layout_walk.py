@@ -16,7 +16,7 @@ def verify_at(base: list[str], layout: list[str], breakage: Optional[str] = None
     ``breakage`` (a name of :data:`BREAKAGES`), of an upcycling with that bug put in."""
     from unittest import mock
 
-    from nemo_upcycle.checkpoint.dense_source import resolve_dense_model
+    from nemo_upcycle.checkpoint.sources.dense_source import resolve_dense_model
     from nemo_upcycle.config.compose import compose_config
     from nemo_upcycle.config.validate import validate
     from nemo_upcycle.platform.launcher_env import launch_world_size

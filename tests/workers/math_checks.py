@@ -14,7 +14,7 @@ def _upcycled(overrides: list[str], path: str):
 
     from nemo_upcycle.model.modeling import build_model_chunks
     from nemo_upcycle.upcycle.engine import upcycle_from_dense
-    from nemo_upcycle.upcycle.sources import TorchDistCheckpoint
+    from nemo_upcycle.checkpoint.sources.torch_dist import TorchDistCheckpoint
 
     cfg = _setup(overrides)
     moe = build_model_chunks(cfg)

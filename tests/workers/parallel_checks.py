@@ -32,7 +32,7 @@ def save_moe_from_dense(overrides: list[str], dense_path: str, moe_path: str) ->
 
     from nemo_upcycle.model.modeling import build_model_chunks
     from nemo_upcycle.upcycle.engine import upcycle_from_dense
-    from nemo_upcycle.upcycle.sources import TorchDistCheckpoint
+    from nemo_upcycle.checkpoint.sources.torch_dist import TorchDistCheckpoint
 
     cfg = _setup(overrides + ["moe.expert_noise_std=0.05"])
     chunks = build_model_chunks(cfg)

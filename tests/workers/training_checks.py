@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from nemo_upcycle.testing.multirank import free_port
+from tests.support.multirank import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 

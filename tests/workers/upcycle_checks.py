@@ -1,4 +1,4 @@
-"""Functions run on every rank by the multi-rank tests (see nemo_upcycle.testing.multirank)."""
+"""Functions run on every rank by the multi-rank tests (see tests.support.multirank)."""
 from __future__ import annotations
 
 import os
@@ -61,7 +61,7 @@ def dense_vs_upcycled(overrides: list[str], path: str, seq: int = 32, namings: t
     from nemo_upcycle.model.megatron_keys import layer_naming_of_keys, sharded_items
     from nemo_upcycle.model.modeling import LAYER_NAMES_ENV, build_model_chunks
     from nemo_upcycle.upcycle.engine import upcycle_from_dense
-    from nemo_upcycle.upcycle.sources import TorchDistCheckpoint
+    from nemo_upcycle.checkpoint.sources.torch_dist import TorchDistCheckpoint
 
     from nemo_upcycle.config.compose import compose_config
 
@@ -130,7 +130,7 @@ def upcycle_traffic(overrides: list[str], path: str) -> dict:
 
     from nemo_upcycle.model.modeling import build_model_chunks
     from nemo_upcycle.upcycle.engine import upcycle_from_dense
-    from nemo_upcycle.upcycle.sources import TorchDistCheckpoint
+    from nemo_upcycle.checkpoint.sources.torch_dist import TorchDistCheckpoint
 
     cfg = _setup(overrides)
     chunks = build_model_chunks(cfg)

@@ -56,7 +56,7 @@ def context_parallel_problems(cfg: Any, command: str = "train") -> list[str]:
     if cfg.eval.after_training:
         problems.append(f"eval.after_training=true runs whole sequences on every rank and parallel.cp={cp} "
                         "splits them: evaluate the checkpoint with parallel.cp=1 instead")
-    from nemo_upcycle.model.modeling import transformer_engine_available
+    from nemo_upcycle.model.fused_paths import transformer_engine_available
 
     if transformer_engine_available():
         return problems

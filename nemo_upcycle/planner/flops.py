@@ -1,0 +1,70 @@
+"""Model FLOPs per token, the standard accounting behind MFU.
+
+Counts the matrix multiplications of the model (2 FLOPs per multiply-add) and nothing else:
+no recomputation, no norms/softmax/communication (Narayanan et al. 2021; Kaplan et al. 2020;
+PaLM's MFU definition). Training costs 3x the forward (backward = 2x: gradients with respect
+to inputs and to weights).
+
+Per token and layer, forward (H hidden, n heads, g query groups, d head dim, s sequence):
+  qkv          2*H*(n + 2g)*d          (GQA: g key/value heads)
+  scores+ctx   2*2*n*d*s               (Q K^T and P V over the whole sequence; causal masking
+                                        is not discounted, as in megatron's MFU reports)
+  proj         2*n*d*H
+  dense FFN    2*3*H*F                 (SwiGLU: gate, up, down)
+  MoE FFN      2*H*E*G                 (router) + top-k: 2*3*H*(F/G) * T*G = 2*3*H*F*T
+Per token, once: logits 2*H*V (the embedding lookup costs nothing).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from nemo_upcycle.planner.layout import moe_layer_flags, moe_spec
+from nemo_upcycle.planner.params import head_dim
+
+
+@dataclass
+class FlopsPerToken:
+    """Forward FLOPs per token; ``training`` is 3x the forward."""
+
+    attention_projections: float
+    attention_scores: float
+    dense_ffn: float
+    router: float
+    experts: float
+    logits: float
+
+    @property
+    def forward(self) -> float:
+        return (self.attention_projections + self.attention_scores + self.dense_ffn
+                + self.router + self.experts + self.logits)
+
+    @property
+    def training(self) -> float:
+        return 3 * self.forward
+
+    def as_dict(self) -> dict:
+        return dict(asdict(self), forward=self.forward, training=self.training)
+
+
+def flops_per_token(cfg: Any, seq_length: int, dense: bool = False) -> FlopsPerToken:
+    """Of the upcycled model, or with ``dense=True`` of the dense model it starts from."""
+    model, spec = cfg.model, moe_spec(cfg)
+    H, F, V = model.hidden_size, model.ffn_hidden_size, model.vocab_size
+    n, g = model.num_attention_heads, model.num_query_groups
+    d = head_dim(model)
+    L = model.num_layers
+    flags = [False] * L if dense else moe_layer_flags(cfg)
+    n_moe = sum(flags)
+    n_dense = L - n_moe
+    experts = spec.num_experts if spec else 0
+    # The T*G chosen experts are F/G wide: together as wide as T dense FFNs.
+    routed_width = spec.topk * spec.expert_ffn_hidden_size if spec else 0
+    return FlopsPerToken(
+        attention_projections=L * (2 * H * (n + 2 * g) * d + 2 * n * d * H),
+        attention_scores=L * 2 * 2 * n * d * seq_length,
+        dense_ffn=n_dense * 2 * 3 * H * F,
+        router=n_moe * 2 * H * experts,
+        experts=n_moe * 2 * 3 * H * routed_width,
+        logits=2 * H * V,
+    )

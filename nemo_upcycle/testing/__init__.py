@@ -1,1 +1,0 @@
-"""Helpers for running code on several gloo ranks (tests and benchmarks)."""
