@@ -106,12 +106,12 @@ def main() -> None:
         rows[label] = {"acc": got["acc"], "predictions_equal": int(agree), "max_abs_loglik_diff": worst}
         print(f"{label}: acc {100 * got['acc']:.2f}%, {int(agree)} predictions equal, max |dlogp| {worst:.2e}",
               flush=True)
+        args.out.write_text(json.dumps({"questions": len(questions), "hf_model": str(args.hf_model), "rows": rows},
+                                       indent=2) + "\n")  # after each row: a long run keeps what it measured
     print(f"{'':44} {'MMLU acc':>9} {'same pred':>10} {'max |dlogp|':>12}")
     for label, row in rows.items():
         print(f"{label:44} {100 * row['acc']:8.2f}% {row.get('predictions_equal', ''):>10} "
               f"{row.get('max_abs_loglik_diff', math.nan):12.2e}")
-    args.out.write_text(json.dumps({"questions": len(questions), "hf_model": str(args.hf_model), "rows": rows},
-                                   indent=2) + "\n")
     print(f"wrote {args.out}")
 
 
