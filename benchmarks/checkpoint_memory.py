@@ -172,7 +172,7 @@ def main() -> None:
     try:
         baseline_code = (
             "import torch, transformers, safetensors, megatron.core.dist_checkpointing\n"
-            "import nemo_upcycle.cli.import_dense, nemo_upcycle.cli.export_hf\n"
+            "import nemo_upcycle.import_dense, nemo_upcycle.export_hf\n"
             "from nemo_upcycle.checkpoint.convert.dist_writer import meta_model_template\n"
             "meta_model_template(['model=smollm2_135m', 'model.dense_checkpoint=none', 'moe=e8t2'])\n"
         )

@@ -37,7 +37,7 @@ from nemo_upcycle.platform.launcher_env import standalone_env  # noqa: E402
 RESULTS = REPO / "benchmarks" / "results" / "export_memory.json"
 BASELINE = (
     "import torch, transformers, safetensors, megatron.core.dist_checkpointing\n"
-    "import nemo_upcycle.cli.export_hf\n"
+    "import nemo_upcycle.export_hf\n"
     "from nemo_upcycle.checkpoint.convert.dist_writer import meta_model_template\n"
     "meta_model_template({overrides!r})\n"
 )

@@ -55,7 +55,7 @@ def test_help_lists_the_config_groups():
 
 def test_every_model_moe_router_combination_composes():
     for model in ("smollm2_135m", "llama3_8b", "tiny_llama"):
-        for moe in ("e8t2", "e8t1", "e16t4", "dense"):
+        for moe in ("e8t2", "e8t1", "e16t4", "e8t2_shared", "e8t2_g4_shared", "dense"):
             for router in ("topk_softmax", "softmax_topk", "sinkhorn", "aux_free"):
                 cfg = compose_config([f"model={model}", f"moe={moe}", f"router={router}", "model.dense_checkpoint=x"])
                 assert cfg.moe.name == moe and cfg.router.type == router

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from nemo_upcycle.checkpoint.sources.nemo2_context import stated_architecture
 from tests.support.nemo_import import write_tiny_llama
-from nemo_upcycle.upcycle.errors import UpcycleError
+from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.checkpoint.sources.slices import SliceRequest
 from nemo_upcycle.checkpoint.sources.torch_dist import TorchDistCheckpoint
 

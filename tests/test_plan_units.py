@@ -18,7 +18,7 @@ from nemo_upcycle.checkpoint.sources.stored_tensor import locate_payload
 from nemo_upcycle.checkpoint.sources.torch_dist import _contiguous_span
 from nemo_upcycle.config.moe_layers import MoELayerSpecError
 from nemo_upcycle.upcycle.dense_keys import DenseKeyResolver
-from nemo_upcycle.upcycle.errors import DenseCheckpointMismatch
+from nemo_upcycle.errors import DenseCheckpointMismatch
 from nemo_upcycle.upcycle.exactness import inexact_reason
 from nemo_upcycle.upcycle.local_model import (
     ChunkDescription,

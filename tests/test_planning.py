@@ -37,7 +37,17 @@ FOUR_RANK_LAYOUTS = [
     ["moe=e16t4", "parallel.tp=2", "parallel.ep=2", "parallel.sp=true"],  # ep x etp = 4
     ["moe=dense", "parallel.tp=2", "parallel.pp=2", "model.tie_embeddings=true"],
     ["moe=e8t2", "moe.layers=every_2", "parallel.pp=2", "parallel.ep=2", "model.tie_embeddings=true"],
+    # Shared experts: split over TP, the gate (1, H) whole on each rank, read at the tensor-parallel
+    # rank besides the routed experts' reads: a copy is the whole FFN once more.
+    ["moe=e8t2", "moe.shared_expert.mode=copy", "moe.shared_expert.gate=true", "moe.layers=every_2",
+     "parallel.tp=2", "parallel.pp=2", "parallel.sp=true"],
+    # Held by every EP rank. 24 routed experts of width F/4 over slices 1..3 (12 per EP rank: 3
+    # distinct slices, not 4, read whole at ETP1), the shared expert slice 0 (half of it at TP2).
+    ["moe=e8t2", "moe.granularity=4", "moe.shared_expert.mode=slices", "moe.shared_expert.slices=1",
+     "parallel.tp=2", "parallel.ep=2", "parallel.etp=1", "parallel.sp=true"],
 ]
+SHARED_COPY = ["moe.shared_expert.mode=copy"]
+SHARED_SLICES = ["moe.granularity=4", "moe.shared_expert.mode=slices", "moe.shared_expert.slices=1"]
 
 
 def _cfg(overrides):
@@ -76,7 +86,7 @@ def test_plan_cli_prints_parameters_and_budget():
 
 def test_plan_json_has_the_same_numbers():
     cfg = compose_config(PAPER + ["plan.mfu=0.39", "plan.format=json"])
-    from nemo_upcycle.cli.plan import plan_text
+    from nemo_upcycle.plan import plan_text
 
     report = json.loads(plan_text(cfg))
     assert report["parameters"]["total"] == model_params(cfg).total
@@ -87,6 +97,48 @@ def test_plan_json_has_the_same_numbers():
     expected = 1e11 * report["flops"]["moe"]["training"] / (989.4e12 * 0.39) / 3600
     assert budget["gpu_hours"] == pytest.approx(expected)
     assert 0 < budget["fraction_of_pretraining"] < 0.05
+
+
+def test_llama3_8b_shared_expert_counts_follow_the_ffn_split():
+    """Each dense FFN's share, by hand: copy adds a whole FFN per layer, run for every token;
+    slices S=1 of G=4 leaves 8 groups of 3 routed quarter-FFNs (top-2 groups: 6 of them) beside
+    one shared quarter."""
+    plain = model_params(compose_config(LLAMA_E8T2))
+    ffn = 3 * 4096 * 14336  # one dense FFN of Llama 3-8B
+    copy = model_params(compose_config(LLAMA_E8T2 + SHARED_COPY))
+    assert (copy.shared_experts, copy.experts) == (32 * ffn, plain.experts)
+    assert (copy.total - plain.total, copy.active - plain.active) == (32 * ffn, 32 * ffn)
+    slices = model_params(compose_config(LLAMA_E8T2 + SHARED_SLICES))
+    assert (slices.experts, slices.shared_experts) == (32 * 8 * 3 * ffn // 4, 32 * ffn // 4)
+    assert slices.routers == 32 * 24 * 4096
+    assert slices.active - plain.active == -32 * ffn // 4 + (slices.routers - plain.routers)  # 1.75 FFNs, not 2
+    gated = model_params(compose_config(LLAMA_E8T2 + SHARED_SLICES + ["moe.shared_expert.gate=true"]))
+    assert gated.total - slices.total == gated.active - slices.active == 32 * 4096  # (1, H) per layer
+    assert "shared_experts" not in plain.as_dict()  # plans without one read as before
+
+
+def test_plan_shows_the_shared_expert_and_counts_its_flops():
+    from nemo_upcycle.planner.flops import flops_per_token
+
+    gate = ["moe.shared_expert.gate=true"]
+    cfg = compose_config(PAPER + SHARED_SLICES + gate)
+    report = build_report(cfg)
+    assert report["job"]["shared_expert"] == dict(mode="slices", width=3584, gate=True, slices=1,
+                                                  routed_experts=24, routed_topk=6)
+    table = render_table(report)
+    assert table.splitlines()[0] == ("Plan: llama3_8b -> e8t2 (E=8, top-2, G=4); shared expert slices 1 of 4,"
+                                     " width 3584, gated; routed 24 top-6")
+    assert "shared experts 1.41B" in table and "shared expert 2.82," in table
+    # FLOPs stay 2 x the matmul weights a token meets (the gate's included) plus attention.
+    p, moe = model_params(cfg), flops_per_token(cfg, 8192)
+    assert moe.forward - moe.attention_scores == 2 * (p.active - p.embedding - 32 * 2 * 4096 - p.final_norm)
+    assert moe.shared_expert == 2 * p.shared_experts
+    copy = build_report(compose_config(PAPER + SHARED_COPY))
+    assert copy["job"]["shared_expert"] == dict(mode="copy", width=14336, gate=False, alpha=0.5,
+                                                routed_experts=8, routed_topk=2)
+    plain = build_report(compose_config(PAPER))
+    assert "shared_expert" not in plain["job"] and "shared_expert" not in plain["flops"]["moe"]
+    assert "shared" not in render_table(plain)
 
 
 @pytest.mark.parametrize("device_name, peak", [
@@ -190,15 +242,22 @@ def two_rank_suite():
         for d in (False, True) for b in (False, True)
     ]
     calls.append(["model_state_memory", dict(overrides=TINY + ["moe=dense"], distributed=True, bf16=True)])
+    # A shared expert is a dense parameter: its DDP buffer and optimizer shard are the dense ones.
+    calls.append(["model_state_memory", dict(overrides=moe + SHARED_COPY, distributed=True, bf16=True)])
     calls += [
         ["saved_activations", dict(overrides=TINY + [f"moe={m}"], micro=2, seq=64)]
         for m in ("dense", "e8t2")
     ]
     calls.append(["saved_activations", dict(
         overrides=TINY + ["moe=e8t2", "parallel.tp=2", "parallel.sp=true"], micro=2, seq=64)])
+    calls.append(["saved_activations", dict(
+        overrides=TINY + ["moe=e8t2", "parallel.tp=2", "parallel.sp=true", "moe.shared_expert.gate=true"]
+        + SHARED_COPY, micro=2, seq=64)])
     calls.append(["meta_counts", dict(overrides=LLAMA_E8T2)])
     calls.append(["meta_counts", dict(overrides=["model=llama3_8b", "moe=dense", "model.dense_checkpoint=x"])])
     calls.append(["meta_counts", dict(overrides=LLAMA_E8T2 + ["parallel.ep=2"])])
+    calls.append(["meta_counts", dict(overrides=LLAMA_E8T2 + SHARED_COPY + ["parallel.ep=2"])])
+    calls.append(["meta_counts", dict(overrides=LLAMA_E8T2 + SHARED_SLICES + ["moe.shared_expert.gate=true"])])
     # SmolLM2-135M (tied embeddings) split over two pipeline stages, E8T2 every other layer
     calls.append(["meta_counts", dict(overrides=["model=smollm2_135m", "moe=e8t2", "moe.layers=every_2",
                                                  "parallel.pp=2"])])
@@ -231,7 +290,8 @@ def test_activation_formula_matches_saved_tensors(two_rank_suite):
     """Local kernels in fp32 (the CPU build): the documented formula against the bytes autograd
     saves (unique storages, weights excluded). Measured gap at b=2, s=64: -0.1% (dense), -0.1%
     (E8T2), -0.15% (E8T2 at TP2+SP): the estimate omits the causal mask (one bool s x s tensor
-    shared by all layers) and a few scalars."""
+    shared by all layers) and a few scalars; E8T2 with a gated shared copy at TP2+SP: -0.12% (-20%
+    without the shared expert's terms)."""
     calls, results = two_rank_suite
     checked = 0
     for j, (name, kwargs) in enumerate(calls):
@@ -244,7 +304,7 @@ def test_activation_formula_matches_saved_tensors(two_rank_suite):
             measured = rank[j]["saved_bytes"]
             assert estimate == pytest.approx(measured, rel=0.05), (kwargs, measured, estimate)
             checked += 1
-    assert checked == 6
+    assert checked == 8
 
 
 @pytest.mark.multirank

@@ -77,7 +77,7 @@ def test_mixtral_folder_reads_like_the_moe_checkpoint(tiny_moe_ckpt, tmp_path):
 def test_open_dense_source_uses_the_folder_and_checks_it(tiny_hf):
     from nemo_upcycle.config.compose import compose_config
     from nemo_upcycle.checkpoint.sources.dense_source import open_dense_source
-    from nemo_upcycle.upcycle.errors import DenseCheckpointMismatch
+    from nemo_upcycle.errors import DenseCheckpointMismatch
 
     assert isinstance(open_dense_source(compose_config(tiny(tiny_hf))), SafetensorsSource)
     with pytest.raises(DenseCheckpointMismatch, match="ffn_hidden_size"):

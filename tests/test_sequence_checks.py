@@ -7,7 +7,7 @@ parallel size") after every weight was read.
 from nemo_upcycle.config.compose import compose_config
 from nemo_upcycle.config.parallel_sizes import sequence_multiple
 from nemo_upcycle.config.validate import collect_problems
-from nemo_upcycle.upcycle.verify import verify_seq_length
+from nemo_upcycle.upcycle.step0_check import verify_seq_length
 
 # tiny_llama has 4 heads and 2 query groups: tp=2 is the largest that divides both.
 TP2_SP = ["parallel.tp=2", "parallel.sp=true"]

@@ -63,7 +63,7 @@ IMPORTED_MODULES = (
     # llm.train (what training calls) is then silently missing.
     "megatron.core", "megatron.core.datasets.helpers_cpp", "nemo.collections.llm", "nemo.collections.llm.api",
     "nemo.lightning", "hydra", "omegaconf", "transformers", "transformers.models.mixtral", "tokenizers", "gguf",
-    "mwparserfromhell", "nemo_upcycle.cli.train", "nemo_upcycle.cli.verify", "nemo_upcycle.cli.export_hf",
+    "mwparserfromhell", "nemo_upcycle.train", "nemo_upcycle.verify", "nemo_upcycle.export_hf",
     "nemo_upcycle.training.model_config", "nemo_upcycle.training.job", "nemo_upcycle.evaluation.backends",
     "benchmarks.train_throughput", "tests.workers.export_trained_checks", "tests.support.rank_entry",
 )

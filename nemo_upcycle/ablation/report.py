@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from nemo_upcycle.upcycle.routers import ROUTER_TYPES
 from nemo_upcycle.util.atomic import write_json_atomic, write_text_atomic
 
 COLUMNS = (
@@ -23,7 +24,34 @@ COLUMNS = (
     ("max_load_ratio", "max expert load / fair share", "{:.2f}"),
     ("wall_s", "wall time (s)", "{:.0f}"),
 )
-TABLE_KEYS = [key for key, _, _ in COLUMNS] + ["name", "router", "capacity_factor", "steps", "mmlu_n", "router_entropy"]
+TABLE_KEYS = [key for key, _, _ in COLUMNS] + ["name", "router", "capacity_factor", "moe", "steps", "mmlu_n",
+                                                "router_entropy"]
+
+
+# One line style and colour per router, by its row in upcycle/routers.py (a new router gets the next).
+ROUTER_LINES = ("-", "--", (0, (3, 1, 1, 1, 1, 1)), (0, (5, 2)))
+ROUTER_COLORS = ("tab:blue", "tab:orange", "tab:purple", "tab:brown")
+
+
+def _router_index(r: dict) -> int:
+    return ROUTER_TYPES.index(r["router"]) if r["router"] in ROUTER_TYPES else len(ROUTER_TYPES)
+
+
+def _line_style(r: dict):
+    """Dotted: dense; dash-dot: a moe preset row (ablate.moe_presets); else by router."""
+    if r["router"] is None:
+        return ":"
+    if r.get("moe"):  # results.json of a grid run before the presets existed has no "moe"
+        return "-."
+    return ROUTER_LINES[_router_index(r) % len(ROUTER_LINES)]
+
+
+def _bar_color(r: dict) -> str:
+    if r["router"] is None:
+        return "tab:gray"
+    if r.get("moe"):
+        return "tab:green"
+    return ROUTER_COLORS[_router_index(r) % len(ROUTER_COLORS)]
 
 
 def _fmt(value, fmt: str) -> str:
@@ -63,7 +91,7 @@ def plot_losses(results: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(rows, 1, figsize=(9, 4.5 * rows), sharex=True, squeeze=False)
     raw_ax = axes[0][0]
     for r in results:
-        style = "--" if r["router"] == "softmax_topk" else ("-" if r["router"] else ":")
+        style = _line_style(r)
         width = 1.6 if r["router"] else 2.4
         steps = range(1, len(r["losses"]) + 1)
         raw_ax.plot(steps, r["losses"], style, label=r["label"], linewidth=width)
@@ -91,8 +119,7 @@ def plot_evaluation(results: list[dict], path: Path) -> None:
 
     labels = [r["label"] for r in results]
     fig, (ppl_ax, mmlu_ax) = plt.subplots(1, 2, figsize=(12, 5))
-    colors = ["tab:gray" if r["router"] is None else ("tab:blue" if r["router"] == "topk_softmax" else "tab:orange")
-              for r in results]
+    colors = [_bar_color(r) for r in results]
     ppl_ax.barh(labels, [r["ppl"] for r in results], color=colors)
     ppl_ax.set_xlabel("held-out perplexity (lower is better)")
     low = min(r["ppl"] for r in results)
@@ -105,7 +132,7 @@ def plot_evaluation(results: list[dict], path: Path) -> None:
         ax.invert_yaxis()
         ax.grid(axis="x", alpha=0.3)
     fig.suptitle("After training: perplexity on held-out news text and MMLU (blue: top-k then softmax, "
-                 "orange: softmax then top-k, gray: dense)", fontsize=10)
+                 "orange: softmax then top-k, green: another moe preset, gray: dense)", fontsize=10)
     fig.tight_layout()
     _save_figure(fig, path)
 

@@ -126,6 +126,7 @@ def summarize(run: GridRun, run_dir: Path, overrides: list[str], seconds: float)
         "label": run.label,
         "router": run.router,
         "capacity_factor": run.capacity_factor,
+        "moe": run.moe,
         "steps": len(steps),
         "final_loss": sum(losses[-tail:]) / tail,
         "losses": losses,

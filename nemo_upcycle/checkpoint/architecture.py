@@ -3,7 +3,10 @@
 Every reader (a Hugging Face ``config.json``, this project's import metadata, a NeMo 2
 context, a Megatron-LM ``args``, tensor shapes) returns a plain dict ``{model key: value}``
 holding only what it really states. :func:`fill_and_compare` then fills ``model=auto``
-from it and reports every disagreement with the configuration at once.
+from it and reports every disagreement with the configuration at once. After that,
+everything that derives from the architecture (megatron-core's TransformerConfig, the Hugging
+Face shapes and config.json, the planner, :class:`~nemo_upcycle.upcycle.spec.UpcycleSpec`)
+reads it through one frozen :class:`Architecture`, never ``cfg.model.*`` key by key.
 
 The families below are those megatron-core's GPTModel represents exactly with this
 project's settings (RMSNorm, SwiGLU, RoPE); each row says what its Hugging Face config
@@ -13,6 +16,7 @@ weight is read.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -154,13 +158,117 @@ def stated_by_hf_config(config: dict, where: str = "config.json") -> dict:
     )
 
 
+def _stated(model: Any, key: str, default: Any = None) -> Any:
+    """``model.<key>``, or ``default`` where the node has no such key (a ``???`` still raises)."""
+    if isinstance(model, Mapping):  # a dict, or an OmegaConf node (whose [key] raises on ???)
+        return model[key] if key in model.keys() else default
+    return getattr(model, key, default)  # the schema's dataclass (OmegaConf.to_object)
+
+
+def _required(model: Any, key: str) -> Any:
+    return model[key] if isinstance(model, Mapping) else getattr(model, key)
+
+
 def effective_head_dim(model: Any) -> int:
-    """``model.head_dim``, or hidden_size / num_attention_heads when it is null."""
-    head_dim = getattr(model, "head_dim", None) if not isinstance(model, dict) else model.get("head_dim")
+    """``model.head_dim``, or hidden_size / num_attention_heads when it is null.
+
+    The one home of that rule. Read from a node still being filled (:func:`fill_and_compare`);
+    everything after reads :attr:`Architecture.head_dim`.
+    """
+    head_dim = _stated(model, "head_dim")
     if head_dim:
         return int(head_dim)
-    get = model.get if isinstance(model, dict) else (lambda k: getattr(model, k))
-    return int(get("hidden_size")) // int(get("num_attention_heads"))
+    return int(_required(model, "hidden_size")) // int(_required(model, "num_attention_heads"))
+
+
+def _optional(convert, value: Any) -> Any:
+    return None if value is None else convert(value)
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.x RoPE scaling (Hugging Face ``rope_type: llama3``): the ``model.rope_scaling_*`` keys."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position: int
+
+    @classmethod
+    def of(cls, model: Any) -> Optional["RopeScaling"]:
+        """None when ``model.rope_scaling_factor`` is null (or absent: a config saved before it existed)."""
+        factor = _stated(model, "rope_scaling_factor")
+        if factor is None:
+            return None
+        return cls(factor=float(factor), low_freq_factor=float(_required(model, "rope_scaling_low_freq_factor")),
+                   high_freq_factor=float(_required(model, "rope_scaling_high_freq_factor")),
+                   original_max_position=int(_required(model, "rope_scaling_original_max_position")))
+
+    def hf_config(self) -> dict:
+        """As Hugging Face's ``config.json`` writes it."""
+        return {
+            "rope_type": "llama3",
+            "factor": self.factor,
+            "low_freq_factor": self.low_freq_factor,
+            "high_freq_factor": self.high_freq_factor,
+            "original_max_position_embeddings": self.original_max_position,
+        }
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """The dense model's architecture (the ``model.*`` keys of :data:`ARCH_KEYS`), read once.
+
+    Everything derived from the architecture reads this record, so each key is read, and
+    ``head_dim`` resolved, in one place. It is the architecture of the dense model; what
+    upcycling makes of its FFNs is :class:`~nemo_upcycle.upcycle.spec.UpcycleSpec`.
+    """
+
+    # The layer stack: all the upcycling arithmetic needs, so every node states it.
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    # None only where a node does not state the key: a hand-made configuration for the
+    # upcycling arithmetic alone may state just the layer stack. A composed configuration
+    # states all of them (config/schema.py), model=auto filled before anything reads them.
+    num_attention_heads: Optional[int] = None
+    num_query_groups: Optional[int] = None
+    head_dim: Optional[int] = None  # resolved: model.head_dim, or hidden_size // num_attention_heads
+    vocab_size: Optional[int] = None
+    max_position_embeddings: Optional[int] = None
+    rotary_base: Optional[float] = None
+    norm_eps: Optional[float] = None
+    tie_embeddings: Optional[bool] = None
+    # What a configuration saved before these keys existed meant.
+    family: str = "llama"
+    qkv_bias: bool = False
+    qk_layernorm: bool = False
+    rope_scaling: Optional[RopeScaling] = None
+
+    @classmethod
+    def of(cls, model: Any) -> "Architecture":
+        """The architecture a ``model.*`` node (OmegaConf, the schema's dataclass, or a dict of
+        its keys, as the readers above return) states; an Architecture is returned as it is."""
+        if isinstance(model, Architecture):
+            return model
+        heads = _optional(int, _stated(model, "num_attention_heads"))
+        return cls(
+            num_layers=int(_required(model, "num_layers")),
+            hidden_size=int(_required(model, "hidden_size")),
+            ffn_hidden_size=int(_required(model, "ffn_hidden_size")),
+            num_attention_heads=heads,
+            num_query_groups=_optional(int, _stated(model, "num_query_groups")),
+            head_dim=None if heads is None and not _stated(model, "head_dim") else effective_head_dim(model),
+            vocab_size=_optional(int, _stated(model, "vocab_size")),
+            max_position_embeddings=_optional(int, _stated(model, "max_position_embeddings")),
+            rotary_base=_optional(float, _stated(model, "rotary_base")),
+            norm_eps=_optional(float, _stated(model, "norm_eps")),
+            tie_embeddings=_optional(bool, _stated(model, "tie_embeddings")),
+            family=str(_stated(model, "family", "llama")),
+            qkv_bias=bool(_stated(model, "qkv_bias", False)),
+            qk_layernorm=bool(_stated(model, "qk_layernorm", False)),
+            rope_scaling=RopeScaling.of(model),
+        )
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -213,16 +321,3 @@ def fill_and_compare(model: Any, stated: dict, where: str) -> list[str]:
 
 def describe(stated: dict) -> str:
     return ", ".join(f"{k}={stated[k]}" for k in ARCH_KEYS if k in stated)
-
-
-def rope_scaling_of(model: Any) -> Optional[dict]:
-    """The llama3 RoPE scaling of ``model`` as Hugging Face writes it, or None."""
-    if getattr(model, "rope_scaling_factor", None) is None:
-        return None
-    return {
-        "rope_type": "llama3",
-        "factor": float(model.rope_scaling_factor),
-        "low_freq_factor": float(model.rope_scaling_low_freq_factor),
-        "high_freq_factor": float(model.rope_scaling_high_freq_factor),
-        "original_max_position_embeddings": int(model.rope_scaling_original_max_position),
-    }

@@ -14,7 +14,7 @@ COMMANDS = {
     "verify": "step-0 check: the upcycled MoE against the dense model (and transformers)",
     "plan": "memory, time and cost of a layout before you launch it",
     "evaluate": "MMLU and held-out perplexity of a model, a checkpoint or a Hugging Face folder",
-    "export_hf": "write a Hugging Face folder (Mixtral) that transformers loads",
+    "export_hf": "write a Hugging Face folder (Mixtral, Qwen2/3-MoE, GLM-4-MoE, ...) that computes the model exactly",
     "import_dense": "import an HF folder or GGUF file into a megatron-core checkpoint",
     "prepare_data": "tokenize JSONL text into .bin/.idx ahead of training (data.paths=<prefix>)",
     "ablate": "the paper's ablation grid: short runs, evaluated, tabulated and plotted",
@@ -42,7 +42,7 @@ def main() -> None:
     sys.argv = [f"nemo-upcycle {command}", *args[1:]]
     from nemo_upcycle.cli.common import run_command
 
-    run_command(importlib.import_module(f"nemo_upcycle.cli.{command}").main)
+    run_command(importlib.import_module(f"nemo_upcycle.{command}").main)
 
 
 if __name__ == "__main__":

@@ -61,6 +61,20 @@ class ModelConfig:
 
 
 @dataclass
+class SharedExpertConfig:
+    """An always-on shared expert beside the routed ones (nemo_upcycle.upcycle.spec says how it
+    is cut from the dense FFN so that the step-0 model is still the dense one)."""
+
+    # none | copy (the whole FFN, output share alpha; routed experts carry 1 - alpha)
+    # | slices (the first `slices` of the G slices of the FFN; the routed experts the others)
+    mode: str = "none"
+    alpha: float = 0.5
+    slices: int = 1
+    # A sigmoid gate on its output (Qwen2-MoE's shared_expert_gate), starting at sigmoid(0) = 1/2.
+    gate: bool = False
+
+
+@dataclass
 class MoEConfig:
     """How dense FFNs become experts (E experts, top-k T, granularity G)."""
 
@@ -81,13 +95,15 @@ class MoEConfig:
     drop_upcycling_ratio: float = 0.0
     # "auto": scale expert weights only where routing needs it (softmax-then-top-k, G > 1).
     weight_scaling: str = "auto"
+    shared_expert: SharedExpertConfig = field(default_factory=SharedExpertConfig)
 
 
 @dataclass
 class RouterConfig:
     """Routing algorithm and its initialisation."""
 
-    # topk_softmax (Mixtral order, the paper's choice), softmax_topk, sinkhorn, aux_free
+    # topk_softmax (Mixtral order, the paper's choice), softmax_topk, sinkhorn, aux_free:
+    # the rows of nemo_upcycle/upcycle/routers.py, each also a preset router=<type>.
     type: str = "topk_softmax"
     load_balancing: str = "aux_loss"
     aux_loss_coeff: float = 1e-2
@@ -268,6 +284,11 @@ def register_configs() -> None:
     cs.store(group="model", name="schema", node=ModelConfig)
     cs.store(group="moe", name="schema", node=MoEConfig)
     cs.store(group="router", name="schema", node=RouterConfig)
+    # router=<type> for every row of the router table (no YAML file per router: the row says it).
+    from nemo_upcycle.upcycle.routers import ROUTERS
+
+    for row in ROUTERS.values():
+        cs.store(group="router", name=row.type, node=RouterConfig(**row.preset()))
     cs.store(group="parallel", name="schema", node=ParallelConfig)
     cs.store(group="trainer", name="schema", node=TrainerConfig)
     cs.store(group="data", name="schema", node=DataConfig)

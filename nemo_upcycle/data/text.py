@@ -9,6 +9,10 @@ from typing import Optional
 import torch
 
 from nemo_upcycle.data.assets import heldout_news_text
+from nemo_upcycle.errors import UserError
+
+# Without a tokenizer, text is its UTF-8 bytes as token ids 0..255 (the byte-level test models).
+BYTE_VOCAB_SIZE = 256
 
 
 @lru_cache(maxsize=4)
@@ -18,15 +22,18 @@ def load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
+def require_byte_vocabulary(vocab_size: int) -> None:
+    """Refuse to tokenize as bytes (no tokenizer) when the vocabulary cannot hold the 256 byte values."""
+    if vocab_size < BYTE_VOCAB_SIZE:
+        raise UserError(f"no tokenizer for this model (model.tokenizer is null) and vocab_size={vocab_size} "
+                        "cannot hold bytes; set model.tokenizer to a Hugging Face tokenizer folder")
+
+
 def encode(text: str, tokenizer_path: Optional[Path], vocab_size: int) -> list[int]:
     """Token ids; UTF-8 bytes when there is no tokenizer and the vocabulary holds bytes."""
     if tokenizer_path is not None:
         return load_tokenizer(str(tokenizer_path))(text, add_special_tokens=False)["input_ids"]
-    if vocab_size < 256:
-        raise ValueError(
-            f"no tokenizer for this model (model.tokenizer is null) and vocab_size={vocab_size} "
-            "cannot hold bytes; set model.tokenizer to a Hugging Face tokenizer folder"
-        )
+    require_byte_vocabulary(vocab_size)
     return list(text.encode("utf-8"))
 
 

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import torch
 
 from nemo_upcycle.evaluation.scoring import pad_right, pick_logprobs
-from nemo_upcycle.upcycle.errors import UpcycleError
+from nemo_upcycle.errors import UpcycleError
 
 
 class MegatronBackend:

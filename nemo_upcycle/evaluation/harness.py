@@ -26,7 +26,7 @@ from transformers import PreTrainedTokenizer
 from nemo_upcycle.evaluation.backends import MegatronBackend
 from nemo_upcycle.evaluation.scoring import continuation_loglikelihoods
 from nemo_upcycle.evaluation.tasks import HELDOUT_TASK, task_manager
-from nemo_upcycle.upcycle.errors import UpcycleError
+from nemo_upcycle.errors import UpcycleError
 
 # Each rolling window also conditions on one token of the previous window, as the harness does.
 ROLLING_CONTEXT = 1
@@ -63,13 +63,11 @@ class ByteTokenizer(PreTrainedTokenizer):
 def load_tokenizer_for(folder: Optional[Path], vocab_size: int):
     """The tokenizer of ``folder`` (Hugging Face files), or :class:`ByteTokenizer` where there
     is none and the vocabulary holds bytes."""
-    if folder is not None:
-        from nemo_upcycle.data.text import load_tokenizer
+    from nemo_upcycle.data.text import load_tokenizer, require_byte_vocabulary
 
+    if folder is not None:
         return load_tokenizer(str(folder))
-    if vocab_size < 256:
-        raise UpcycleError(f"no tokenizer for this model (model.tokenizer is null) and vocab_size={vocab_size} "
-                           "cannot hold bytes; set model.tokenizer to a Hugging Face tokenizer folder")
+    require_byte_vocabulary(vocab_size)
     return ByteTokenizer()
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from nemo_upcycle.evaluation.tasks import HELDOUT_TASK
-from nemo_upcycle.upcycle.errors import UpcycleError
+from nemo_upcycle.errors import UpcycleError
 
 
 def tokenizer_for(cfg: Any) -> Optional[Path]:

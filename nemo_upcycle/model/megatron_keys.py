@@ -30,6 +30,8 @@ What megatron-core 0.15.3 writes (``models/gpt/gpt_layer_specs.py``,
 * **Experts.** SequentialMLP (local spec) and TEGroupedMLP (TE with grouped GEMM, parameters
   ``weight0..N-1``) save each expert's weights under the same keys,
   ``mlp.experts.experts.linear_fc{1,2}.weight`` with a global expert axis.
+* **Shared experts.** ``mlp.shared_experts.linear_fc{1,2}.weight`` (tensor-parallel, no expert
+  axis) and, when gated, ``mlp.shared_experts.gate_weight``, under both specs.
 * **``_extra_state``.** Every linear layer adds a ShardedObject ``<module>._extra_state``
   (Transformer Engine's FP8 metadata; empty for the local layers). It is no weight: readers
   skip it and the strict-load check ignores it on both sides.
@@ -59,6 +61,11 @@ ROUTER_BIAS = "mlp.router.expert_bias"  # router=aux_free: added to the scores f
 EXPERT_FC1 = "mlp.experts.experts.linear_fc1.weight"
 EXPERT_FC2 = "mlp.experts.experts.linear_fc2.weight"
 EXPERT_NAMES = (EXPERT_FC1, EXPERT_FC2)
+# The shared expert (megatron-core's SharedExpertMLP: tensor-parallel like a dense FFN, fc1
+# [gate; up]; gate_weight (1, H) only with a sigmoid gate), the same under both layer specs.
+SHARED_FC1 = "mlp.shared_experts.linear_fc1.weight"
+SHARED_FC2 = "mlp.shared_experts.linear_fc2.weight"
+SHARED_GATE = "mlp.shared_experts.gate_weight"
 # Outside the layers.
 EMBEDDING = "embedding.word_embeddings.weight"
 FINAL_NORM = "decoder.final_layernorm.weight"

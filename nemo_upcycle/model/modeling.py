@@ -11,8 +11,9 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
-from nemo_upcycle.checkpoint.architecture import effective_head_dim
+from nemo_upcycle.checkpoint.architecture import Architecture
 from nemo_upcycle.config.parallel_sizes import expert_tensor_parallel
 from nemo_upcycle.model.fused_paths import fused_paths_for_this_machine, transformer_engine_available
 from nemo_upcycle.platform.device import gpu_available
@@ -57,25 +58,25 @@ def transformer_config_kwargs(
     this machine can run (nemo_upcycle.model.fused_paths); the loss's fusion is set by each
     caller (NeMo's config names it itself).
     """
-    model, moe, par = cfg.model, cfg.moe, cfg.parallel
+    arch, moe, par = Architecture.of(cfg.model), cfg.moe, cfg.parallel
     params_dtype = params_dtype or params_dtype_for(cfg)
     on_gpu = gpu_available()
     fused = fused_paths_for_this_machine().model_kwargs()
     moe_only = ("moe_permute_fusion", "moe_grouped_gemm")
     kwargs: dict[str, Any] = dict(
-        num_layers=model.num_layers,
-        hidden_size=model.hidden_size,
-        ffn_hidden_size=model.ffn_hidden_size,
-        num_attention_heads=model.num_attention_heads,
-        num_query_groups=model.num_query_groups,
-        kv_channels=effective_head_dim(model),
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups,
+        kv_channels=arch.head_dim,
         normalization="RMSNorm",
-        layernorm_epsilon=model.norm_eps,
+        layernorm_epsilon=arch.norm_eps,
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=bool(model.qkv_bias),
-        qk_layernorm=bool(model.qk_layernorm),
+        add_qkv_bias=arch.qkv_bias,
+        qk_layernorm=arch.qk_layernorm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         bias_dropout_fusion=False,
@@ -111,6 +112,11 @@ def transformer_config_kwargs(
             **{name: fused[name] for name in moe_only},
             **spec.router.megatron_settings(cfg.router),
         )
+        if spec.has_shared_expert:
+            # Run before the router, not overlapped with the dispatch (which only alltoall
+            # on a GPU could do): one order of the sums whatever the layout.
+            kwargs.update(moe_shared_expert_intermediate_size=spec.shared_ffn_hidden_size,
+                          moe_shared_expert_overlap=False)
     kwargs.update(overrides)
     return kwargs
 
@@ -176,8 +182,9 @@ def built_layer_naming() -> str:
     return check_layer_naming(os.environ.get(LAYER_NAMES_ENV) or LOCAL_NAMES, LAYER_NAMES_ENV)
 
 
-def layer_spec(config, vp_stage: Optional[int] = None):
-    """Decoder block spec: Transformer Engine when present, megatron-core local otherwise."""
+def layer_spec(config, vp_stage: Optional[int] = None, shared_expert_gate: bool = False):
+    """Decoder block spec: Transformer Engine when present, megatron-core local otherwise;
+    with ``shared_expert_gate`` the MoE layers' shared experts gated (moe.shared_expert.gate)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
     from nemo_upcycle.model.megatron_keys import TE_NAMES
@@ -186,7 +193,36 @@ def layer_spec(config, vp_stage: Optional[int] = None):
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=te, normalization="RMSNorm", vp_stage=vp_stage)
     if not te and built_layer_naming() == TE_NAMES:
         spec = local_spec_with_te_names(spec)
+    if shared_expert_gate:
+        spec = with_gated_shared_experts(spec)
     return spec
+
+
+def shared_expert_gate_of(job: Any) -> bool:
+    """moe.shared_expert.gate of a job configuration (a config saved before it existed: False)."""
+    return bool(OmegaConf.select(OmegaConf.create(job) if isinstance(job, dict) else job,
+                                 "moe.shared_expert.gate", default=False))
+
+
+def with_gated_shared_experts(block_spec):
+    """The block spec whose MoE layers build megatron-core's SharedExpertMLP with ``gate=True``.
+
+    megatron-core 0.15.3 has no configuration field for the gate: its MoE module spec
+    (``get_moe_module_spec_for_backend``) fixes ``params={"gate": False}``.
+    """
+    from dataclasses import replace
+
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    layers = []
+    for layer in block_spec.layer_specs:
+        mlp = layer.submodules.mlp
+        if mlp.module is MoELayer and mlp.submodules.shared_experts is not None:
+            shared = replace(mlp.submodules.shared_experts, params={**mlp.submodules.shared_experts.params, "gate": True})
+            mlp = replace(mlp, submodules=replace(mlp.submodules, shared_experts=shared))
+            layer = replace(layer, submodules=replace(layer.submodules, mlp=mlp))
+        layers.append(layer)
+    return replace(block_spec, layer_specs=layers)
 
 
 def local_spec_with_te_names(block_spec):
@@ -218,22 +254,23 @@ def build_model_chunks(cfg: Any, config=None) -> list:
     from megatron.core.models.gpt import GPTModel
 
     config = config or build_transformer_config(cfg)
+    arch = Architecture.of(cfg.model)
     vpp = cfg.parallel.vpp or 1
     chunks = []
     for vp_stage in range(vpp):
         vp = vp_stage if cfg.parallel.vpp else None
         chunk = GPTModel(
             config=config,
-            transformer_layer_spec=layer_spec(config, vp),
-            vocab_size=cfg.model.vocab_size,
-            max_sequence_length=cfg.model.max_position_embeddings,
+            transformer_layer_spec=layer_spec(config, vp, shared_expert_gate_of(cfg)),
+            vocab_size=arch.vocab_size,
+            max_sequence_length=arch.max_position_embeddings,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
-            share_embeddings_and_output_weights=cfg.model.tie_embeddings,
+            share_embeddings_and_output_weights=arch.tie_embeddings,
             position_embedding_type="rope",
-            rotary_base=cfg.model.rotary_base,
+            rotary_base=arch.rotary_base,
             vp_stage=vp,
         )
-        apply_rope_scaling(chunk, cfg.model)
+        apply_rope_scaling(chunk, arch)
         chunks.append(chunk)
     return chunks

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from nemo_upcycle.checkpoint.architecture import Architecture
+
 
 def llama3_inv_freq(inv_freq: torch.Tensor, factor: float, low_freq_factor: float,
                     high_freq_factor: float, original_max_position: int) -> torch.Tensor:
@@ -34,14 +36,13 @@ def llama3_inv_freq(inv_freq: torch.Tensor, factor: float, low_freq_factor: floa
 
 
 def apply_rope_scaling(chunk, model: Any) -> None:
-    """Set the scaled frequencies on ``chunk`` (a GPTModel) when ``model`` asks for scaling."""
-    factor = getattr(model, "rope_scaling_factor", None)
-    if factor is None or getattr(chunk, "rotary_pos_emb", None) is None:
+    """Set the scaled frequencies on ``chunk`` (a GPTModel) when ``model`` (an Architecture, or the
+    ``model.*`` node it is read from) asks for scaling."""
+    scaling = Architecture.of(model).rope_scaling
+    if scaling is None or getattr(chunk, "rotary_pos_emb", None) is None:
         return
     rope = chunk.rotary_pos_emb
-    rope.inv_freq = llama3_inv_freq(
-        rope.inv_freq, float(factor), float(model.rope_scaling_low_freq_factor),
-        float(model.rope_scaling_high_freq_factor), int(model.rope_scaling_original_max_position),
-    )
+    rope.inv_freq = llama3_inv_freq(rope.inv_freq, scaling.factor, scaling.low_freq_factor,
+                                    scaling.high_freq_factor, scaling.original_max_position)
     # forward() memoises its result per sequence length: drop anything computed before.
     rope.forward.cache_clear()

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from nemo_upcycle.checkpoint.architecture import Architecture
 from nemo_upcycle.config.parallel_sizes import expert_tensor_parallel, model_parallel_size
 from nemo_upcycle.config.validate import ConfigError
 from nemo_upcycle.upcycle.spec import UpcycleSpec
@@ -29,7 +30,7 @@ def moe_layer_flags(cfg: Any) -> list[bool]:
     """True for each global layer that is upcycled to MoE (all False for moe=dense)."""
     spec = moe_spec(cfg)
     chosen = set(spec.moe_layers) if spec else set()
-    return [i in chosen for i in range(cfg.model.num_layers)]
+    return [i in chosen for i in range(Architecture.of(cfg.model).num_layers)]
 
 
 def minimal_world_size(cfg: Any) -> int:
@@ -111,11 +112,10 @@ def stage_layers(cfg: Any, pp_rank: int) -> list[list[int]]:
     megatron-core (even split): chunk ``v`` of pipeline rank ``p`` holds layers
     ``v*L/vpp + p*L/(pp*vpp)`` onwards, ``L/(pp*vpp)`` of them.
     """
-    par = cfg.parallel
+    par, L = cfg.parallel, Architecture.of(cfg.model).num_layers
     vpp = par.vpp or 1
-    per_chunk = cfg.model.num_layers // (par.pp * vpp)
+    per_chunk = L // (par.pp * vpp)
     return [
-        list(range(v * (cfg.model.num_layers // vpp) + pp_rank * per_chunk,
-                   v * (cfg.model.num_layers // vpp) + (pp_rank + 1) * per_chunk))
+        list(range(v * (L // vpp) + pp_rank * per_chunk, v * (L // vpp) + (pp_rank + 1) * per_chunk))
         for v in range(vpp)
     ]

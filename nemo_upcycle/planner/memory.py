@@ -25,8 +25,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from nemo_upcycle.checkpoint.architecture import Architecture
 from nemo_upcycle.planner.layout import Layout, moe_layer_flags, moe_spec, stage_layers
-from nemo_upcycle.planner.params import RankParams, head_dim
+from nemo_upcycle.planner.params import RankParams
 
 ADAM_MOMENT_BYTES = 8  # exp_avg + exp_avg_sq, fp32
 MASTER_BYTES = 4  # fp32 copy of 16-bit weights
@@ -123,14 +124,17 @@ def layer_activation_terms(
                  product, product*prob = fc2 input; the fp32 prob), F' = F/(G*etp), with
                  T*G*etp/t_sp routed tokens per token of the rank (balanced routing; the
                  expert-tensor-parallel group all-gathers its tokens).
+    shared       moe.shared_expert of width W: as a dense FFN, e*5W/t (its input is the norm's
+                 output, counted there); gated, + e*(H + 1)/t_sp (its output and the sigmoid
+                 score, both kept for their product). No recompute choice above drops them.
     recompute    selective (core_attn): core attention keeps only its inputs q, k, v;
                  selective_all adds layernorm (norm outputs dropped) and moe_act (experts keep
                  input and fc1 output only); full (uniform, 1 layer): only the layer input e*H/t_sp.
     """
-    model = cfg.model
-    H, F = model.hidden_size, model.ffn_hidden_size
-    n, g = model.num_attention_heads, model.num_query_groups
-    d = head_dim(model)
+    arch = Architecture.of(cfg.model)
+    H, F = arch.hidden_size, arch.ffn_hidden_size
+    n, g = arch.num_attention_heads, arch.num_query_groups
+    d = arch.head_dim
     s, b = cfg.trainer.seq_length, cfg.trainer.micro_batch_size
     t, c = layout.tp, layout.cp
     t_sp = t if layout.sp else 1
@@ -154,7 +158,7 @@ def layer_activation_terms(
         terms["core attention"] = e * n * d / t + (0 if selective else 4 * n / t)
     terms["mlp norm"] = norm
     if not moe_layer:
-        terms["dense ffn"] = e * 5 * F / t
+        terms["dense ffn"] = swiglu_activation_bytes(F, t, e)
         return terms
     spec = moe_spec(cfg)
     width = spec.expert_ffn_hidden_size // layout.etp
@@ -163,7 +167,16 @@ def layer_activation_terms(
     terms["router"] = ((4 * H if router_fp32 and e < 4 else 0)
                        + 9 * spec.num_experts + 28 * spec.topk) / t_sp
     terms["experts"] = routed * (e * H + e * (2 if drop_norm_out else 6) * width + 4)
+    if spec.has_shared_expert:
+        gate = e * (H + 1) / t_sp if spec.shared_gate else 0
+        terms["shared expert"] = swiglu_activation_bytes(spec.shared_ffn_hidden_size, t, e) + gate
     return terms
+
+
+def swiglu_activation_bytes(width: int, t: int, e: int) -> float:
+    """What a tensor-parallel SwiGLU MLP of ``width`` saves per token (a dense FFN, a shared
+    expert), its input aside: fc1 output 2W, silu(gate) W, up + glu offset W, the product W."""
+    return e * 5 * width / t
 
 
 def layer_activation_bytes(cfg: Any, layout: Layout, moe_layer: bool, recompute: str = "none",
@@ -183,8 +196,9 @@ def head_activation_bytes(cfg: Any, layout: Layout, pp_rank: int, kernels: str =
     if pp_rank == 0:
         total += 8 * tokens
     if pp_rank == layout.pp - 1:
-        norm = e * (3 if kernels == "local" else 2) * cfg.model.hidden_size / t_sp + 4 / t_sp
-        total += tokens * (norm + 4 * cfg.model.vocab_size / layout.tp + 9)
+        arch = Architecture.of(cfg.model)
+        norm = e * (3 if kernels == "local" else 2) * arch.hidden_size / t_sp + 4 / t_sp
+        total += tokens * (norm + 4 * arch.vocab_size / layout.tp + 9)
     return total
 
 

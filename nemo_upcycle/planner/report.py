@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from nemo_upcycle.checkpoint.architecture import Architecture
 from nemo_upcycle.config.validate import ConfigError, validate
 from nemo_upcycle.planner.budget import GPU, compute_budget, gpu_for
 from nemo_upcycle.planner.flops import flops_per_token
-from nemo_upcycle.planner.layout import Layout, layout_of, resolve_world_size
+from nemo_upcycle.planner.layout import Layout, layout_of, moe_spec, resolve_world_size
 from nemo_upcycle.planner.memory import (
     GiB,
     RECOMPUTE,
@@ -135,7 +136,23 @@ def job_summary(cfg: Any, world_size: int, world_source: str, layout: Layout, pr
                        activation_bytes=precision.activation_bytes),
         gpu=gpu.name, peak_tflops=gpu.bf16_tflops, gpu_memory_gib=gpu.memory_gib,
         mfu=cfg.plan.mfu, distributed_optimizer=bool(cfg.trainer.distributed_optimizer),
+        **shared_expert_summary(cfg),
     )
+
+
+def shared_expert_summary(cfg: Any) -> dict:
+    """``{"shared_expert": {...}}`` for a job with a shared expert: its mode, width, gate, alpha or
+    slices, and the routed experts and top-k megatron-core then sees; ``{}`` without one (the plan
+    then reads as it did before shared experts existed)."""
+    spec = moe_spec(cfg)
+    if spec is None or not spec.has_shared_expert:
+        return {}
+    shared = dict(mode=spec.shared_mode, width=spec.shared_ffn_hidden_size, gate=spec.shared_gate)
+    if spec.shared_mode == "copy":
+        shared["alpha"] = spec.shared_alpha
+    else:
+        shared["slices"] = spec.shared_slices
+    return dict(shared_expert=dict(shared, routed_experts=spec.num_experts, routed_topk=spec.topk))
 
 
 def checkpoint_reads(cfg: Any, params: ModelParams, ranks: list[dict], ranks_per_stage: int) -> dict:
@@ -176,7 +193,7 @@ def build_report(cfg: Any) -> dict:
     )
     return dict(
         job=job_summary(cfg, world_size, world_source, layout, precision, gpu, microbatches),
-        parameters=dict(params.as_dict(), num_layers=cfg.model.num_layers),
+        parameters=dict(params.as_dict(), num_layers=Architecture.of(cfg.model).num_layers),
         ranks=ranks,
         memory=dict(
             gpu_memory_bytes=gpu.memory_gib * GiB,
@@ -205,11 +222,25 @@ def render_json(report: dict) -> str:
     return json.dumps(report, indent=2)
 
 
+def _shared_expert_words(job: dict) -> str:
+    """The header's "; shared expert copy (alpha 0.5), width 14336; routed 8 top-2" or "; shared
+    expert slices 1 of 4, width 3584, gated; routed 24 top-6"; "" without one."""
+    shared = job.get("shared_expert")
+    if shared is None:
+        return ""
+    how = (f"copy (alpha {shared['alpha']:g})" if shared["mode"] == "copy"
+           else f"slices {shared['slices']} of {job['granularity']}")
+    gated = ", gated" if shared["gate"] else ""
+    return (f"; shared expert {how}, width {shared['width']}{gated};"
+            f" routed {shared['routed_experts']} top-{shared['routed_topk']}")
+
+
 def render_table(report: dict) -> str:
     job, p, mem = report["job"], report["parameters"], report["memory"]
     out = []
     add = out.append
-    add(f"Plan: {job['model']} -> {job['moe']} (E={job['num_experts']}, top-{job['topk']}, G={job['granularity']})")
+    add(f"Plan: {job['model']} -> {job['moe']} (E={job['num_experts']}, top-{job['topk']}, G={job['granularity']})"
+        + _shared_expert_words(job))
     add(f"  layout: world {job['world_size']} ({job['world_size_from']}) = tp{job['tp']} x pp{job['pp']}"
         f" (vpp {job['vpp']}) x cp{job['cp']} x dp{job['dp']}; ep{job['ep']}, etp{job['etp']},"
         f" expert dp {job['expert_dp']}, sp={job['sp']}")
@@ -219,8 +250,9 @@ def render_table(report: dict) -> str:
     add("Parameters")
     add(f"  total   {_b(p['total']):>10}   (dense model {_b(p['dense_model_total'])})")
     add(f"  active  {_b(p['active']):>10}   per token")
+    shared = f", shared experts {_b(p['shared_experts'])}" if "shared_experts" in p else ""
     add(f"  upcycled layers {p['moe_layers']} of {p['num_layers']} ({p['dense_layers']} stay dense);"
-        f" experts {_b(p['experts'])}, routers {_b(p['routers'])}, embeddings+output"
+        f" experts {_b(p['experts'])}{shared}, routers {_b(p['routers'])}, embeddings+output"
         f" {_b(p['embedding'] + p['output_layer'])}")
     add("")
     pr = job["precision"]
@@ -263,7 +295,9 @@ def render_table(report: dict) -> str:
     add(f"Model FLOPs per token (forward; training = 3x) at sequence length {job['seq_length']}")
     add(f"  MoE   {f_moe['forward'] / 1e9:8.2f} GFLOP  (attn proj {f_moe['attention_projections'] / 1e9:.2f},"
         f" scores {f_moe['attention_scores'] / 1e9:.2f}, dense FFN {f_moe['dense_ffn'] / 1e9:.2f},"
-        f" router {f_moe['router'] / 1e9:.3f}, experts {f_moe['experts'] / 1e9:.2f}, logits {f_moe['logits'] / 1e9:.2f})")
+        f" router {f_moe['router'] / 1e9:.3f}, experts {f_moe['experts'] / 1e9:.2f},"
+        + (f" shared expert {f_moe['shared_expert'] / 1e9:.2f}," if "shared_expert" in f_moe else "")
+        + f" logits {f_moe['logits'] / 1e9:.2f})")
     add(f"  dense {f_dense['forward'] / 1e9:8.2f} GFLOP")
     bud = report["budget"]
     add("")

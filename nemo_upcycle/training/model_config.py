@@ -15,7 +15,7 @@ from nemo.collections.llm.gpt.model.base import GPTConfig
 from omegaconf import OmegaConf
 
 from nemo_upcycle.model.fused_paths import fused_paths_for_this_machine
-from nemo_upcycle.model.modeling import built_layer_naming, layer_spec, transformer_config_kwargs
+from nemo_upcycle.model.modeling import built_layer_naming, layer_spec, shared_expert_gate_of, transformer_config_kwargs
 from nemo_upcycle.model.rope_scaling import apply_rope_scaling
 
 
@@ -25,7 +25,7 @@ def upcycle_layer_spec(config: "UpcycleGPTConfig", vp_stage: Optional[int] = Non
     Not dead: NeMo records this callable by its import path in every checkpoint's context
     (``context/io.json``), so resuming or loading a saved run needs this name to exist.
     """
-    return layer_spec(config, vp_stage)
+    return layer_spec(config, vp_stage, shared_expert_gate_of(config.job or {}))
 
 
 # Constructor arguments of the first launch that NeMo must not record in a checkpoint's

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
-from nemo_upcycle.upcycle.errors import UpcycleError
+from nemo_upcycle.errors import UpcycleError
 
 
 class PreflightError(UpcycleError):

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Mapping, Optional
 
 from nemo_upcycle.model.megatron_keys import MegatronNaming, parse_megatron_key
-from nemo_upcycle.upcycle.errors import DenseCheckpointMismatch
+from nemo_upcycle.errors import DenseCheckpointMismatch
 
 
 class DenseKeyResolver:

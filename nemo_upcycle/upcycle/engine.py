@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from nemo_upcycle.upcycle import symmetry
-from nemo_upcycle.upcycle.errors import UpcycleError
+from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.upcycle.local_model import RankCoordinates
 from nemo_upcycle.upcycle.plan import PlanEntry, UpcyclePlan, plan_upcycle
 from nemo_upcycle.upcycle.router_init import router_weights
@@ -81,6 +81,11 @@ def upcycle_from_dense(chunks: list, cfg: Any, source: DenseSource) -> UpcycleRe
                 if factor != 1.0:
                     tensors[entry.target].data.mul_(factor)
             reinitialised = _break_symmetry(plan, tensors, cfg, spec, rank)
+            for entry in plan.by_kind("shared"):
+                if entry.role == "fc2" and spec.shared_fc2_factor() != 1.0:
+                    tensors[entry.target].data.mul_(spec.shared_fc2_factor())
+            for entry in plan.by_kind("shared_gate"):
+                tensors[entry.target].data.zero_()  # sigmoid(0) = 1/2, which shared_fc2_factor undoes
         routers = plan.by_kind("router")
         for entry in routers:
             weight = router_weights(cfg.seed, entry.layer, spec, cfg.router.init_std)

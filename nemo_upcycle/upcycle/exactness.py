@@ -56,9 +56,9 @@ def inexact_reason(cfg: Any) -> Optional[str]:
     if not spec.router.exact_at_step0(spec.topk):
         return f"router.type={spec.router.type} with top-1: the one chosen weight is not 1"
     mode = spec.scaling_mode()
-    if spec.granularity > 1 and mode != "fc2_granularity":
+    if spec.routed_slices > 1 and mode != "fc2_granularity":
         return f"granular experts with moe.weight_scaling={spec.weight_scaling}"
-    if spec.granularity == 1 and mode != "none":
+    if spec.routed_slices == 1 and mode != "none":
         return f"moe.weight_scaling={spec.weight_scaling} rescales the experts"
     return None
 

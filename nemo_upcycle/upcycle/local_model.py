@@ -70,12 +70,22 @@ class LocalExpert:
 
 
 @dataclass(frozen=True)
+class SharedExpert:
+    """The always-on shared expert of an MoE layer: tensor-parallel like a dense FFN."""
+
+    fc1: Param
+    fc2: Param
+    gate: Optional[Param] = None  # (1, H) sigmoid gate weight, when gated
+
+
+@dataclass(frozen=True)
 class MoeFfn:
-    """An upcycled layer: its router and the experts this rank holds (in local order)."""
+    """An upcycled layer: its router, the experts this rank holds (in local order), its shared expert."""
 
     layer: int
     router: Param
     experts: tuple[LocalExpert, ...]
+    shared: Optional[SharedExpert] = None
 
 
 Ffn = Union[DenseFfn, MoeFfn]

@@ -14,7 +14,9 @@ local tensor:
   ``e mod G``-th slice of the intermediate dimension. Only the first local expert that
   needs a given slice reads it;
 * ``copy``: another local expert needs the same slice: copied in memory after the read;
-* ``router``: initialised, not read.
+* ``shared``: the shared expert (``moe.shared_expert``): the whole FFN or its first S slices,
+  this rank's tensor-parallel shard of it;
+* ``router``, ``shared_gate``: initialised, not read (random rows; zeros).
 
 Keys are matched to the checkpoint by :class:`~nemo_upcycle.upcycle.dense_keys.DenseKeyResolver`
 (stacked or per-layer keys, with or without NeMo 2's ``module.`` prefix); the MoE model's own
@@ -30,7 +32,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from nemo_upcycle.model.megatron_keys import FC1, FC2, canonical_key, parse_megatron_key
 from nemo_upcycle.upcycle.dense_keys import DenseKeyResolver
-from nemo_upcycle.upcycle.errors import DenseCheckpointMismatch
+from nemo_upcycle.errors import DenseCheckpointMismatch
 from nemo_upcycle.upcycle.local_model import (
     ChunkDescription,
     DenseFfn,
@@ -72,7 +74,7 @@ class Piece:
 @dataclass
 class PlanEntry:
     target: str  # "<chunk>/<parameter name>"
-    kind: str  # "dense" | "expert" | "copy" | "router"
+    kind: str  # "dense" | "expert" | "copy" | "shared" | "router" | "shared_gate"
     shape: tuple[int, ...]
     pieces: list[Piece] = field(default_factory=list)
     copy_from: Optional[str] = None
@@ -122,25 +124,42 @@ def ffn_pieces(
     tp_rank: int,
     tp_size: int,
 ) -> tuple[list[Piece], list[Piece]]:
-    """Dense slices of one (expert) FFN shard: (fc1 pieces, fc2 pieces).
+    """Dense slices of one (expert) FFN shard: (fc1 pieces, fc2 pieces): slice ``ffn_slice`` of
+    width F/G (:func:`ffn_block_pieces`)."""
+    width = ffn_hidden // granularity
+    return ffn_block_pieces(keys, ffn_hidden=ffn_hidden, hidden=hidden, start=ffn_slice * width, width=width,
+                            tp_rank=tp_rank, tp_size=tp_size)
+
+
+def ffn_block_pieces(
+    keys: FfnKeys,
+    *,
+    ffn_hidden: int,
+    hidden: int,
+    start: int,
+    width: int,
+    tp_rank: int,
+    tp_size: int,
+) -> tuple[list[Piece], list[Piece]]:
+    """Dense slices of the shard of intermediate neurons ``[start, start + width)`` of a dense FFN.
 
     megatron-core stores a SwiGLU fc1 as [gate (F rows); up (F rows)] and gives each of the
-    ``tp_size`` ranks [gate_r; up_r]. Expert slice ``s`` of width F/G takes rows
-    ``s*F/G ...`` of gate and of up, and the same columns of fc2. ``tp_*`` is whichever
-    group splits this FFN: tensor parallelism for a dense FFN, expert-TP for experts.
+    ``tp_size`` ranks [gate_r; up_r]. The block takes rows ``start ...`` of gate and of up, and
+    the same columns of fc2; rank r its r-th part. ``tp_*`` is whichever group splits this FFN:
+    tensor parallelism for a dense FFN or a shared expert, expert-TP for routed experts.
     """
-    width = ffn_hidden // granularity // tp_size
-    base = ffn_slice * (ffn_hidden // granularity) + tp_rank * width
+    local = width // tp_size
+    base = start + tp_rank * local
     lead, squeeze = keys.lead, keys.stacked
     one = (1,) * len(lead)
-    if granularity == 1 and tp_size == 1:
-        fc1 = [Piece(DenseSlice(keys.fc1, lead + (0, 0), one + (2 * width, hidden)), 0, squeeze)]
+    if width == ffn_hidden and tp_size == 1:
+        fc1 = [Piece(DenseSlice(keys.fc1, lead + (0, 0), one + (2 * local, hidden)), 0, squeeze)]
     else:
         fc1 = [
-            Piece(DenseSlice(keys.fc1, lead + (base, 0), one + (width, hidden)), 0, squeeze),
-            Piece(DenseSlice(keys.fc1, lead + (ffn_hidden + base, 0), one + (width, hidden)), width, squeeze),
+            Piece(DenseSlice(keys.fc1, lead + (base, 0), one + (local, hidden)), 0, squeeze),
+            Piece(DenseSlice(keys.fc1, lead + (ffn_hidden + base, 0), one + (local, hidden)), local, squeeze),
         ]
-    fc2 = [Piece(DenseSlice(keys.fc2, lead + (0, base), one + (hidden, width)), 0, squeeze)]
+    fc2 = [Piece(DenseSlice(keys.fc2, lead + (0, base), one + (hidden, local)), 0, squeeze)]
     return fc1, fc2
 
 
@@ -231,12 +250,13 @@ def _ffn_entries(c: int, ffn: Ffn, resolver: DenseKeyResolver, spec: UpcycleSpec
 
 
 def _moe_entries(c: int, ffn: MoeFfn, keys: FfnKeys, spec: UpcycleSpec, rank: RankCoordinates) -> list[PlanEntry]:
-    """The router, then per local expert its FFN slice: read by the first expert that needs it."""
+    """The router, then per local expert its FFN slice (read by the first expert that needs it),
+    then the shared expert."""
     layer = ffn.layer
     entries = [PlanEntry(f"{c}/{ffn.router.name}", "router", ffn.router.shape, layer=layer)]
     first_reader: dict[int, tuple[str, str]] = {}
     for local in ffn.experts:
-        ffn_slice = local.expert % spec.granularity
+        ffn_slice = spec.ffn_slice_of(local.expert)
         t1, t2 = f"{c}/{local.fc1.name}", f"{c}/{local.fc2.name}"
         common = dict(layer=layer, expert=local.expert, ffn_slice=ffn_slice)
         if ffn_slice in first_reader:
@@ -250,6 +270,24 @@ def _moe_entries(c: int, ffn: MoeFfn, keys: FfnKeys, spec: UpcycleSpec, rank: Ra
                               tp_rank=rank.etp_rank, tp_size=rank.etp_size)
         entries.append(PlanEntry(t1, "expert", local.fc1.shape, fc1, role="fc1", **common))
         entries.append(PlanEntry(t2, "expert", local.fc2.shape, fc2, role="fc2", **common))
+    if (ffn.shared is not None) != spec.has_shared_expert:
+        raise RuntimeError(f"layer {layer}: the model was built {'with' if ffn.shared else 'without'} a shared "
+                           f"expert, but moe.shared_expert.mode={spec.shared_mode}")
+    if ffn.shared is not None:
+        entries += _shared_entries(c, ffn, keys, spec, rank)
+    return entries
+
+
+def _shared_entries(c: int, ffn: MoeFfn, keys: FfnKeys, spec: UpcycleSpec, rank: RankCoordinates) -> list[PlanEntry]:
+    """The shared expert's tensor-parallel shard of its block of the dense FFN (its first
+    ``shared_ffn_hidden_size`` neurons), and its gate (zeros)."""
+    shared, layer = ffn.shared, ffn.layer
+    fc1, fc2 = ffn_block_pieces(keys, ffn_hidden=spec.ffn_hidden_size, hidden=spec.hidden_size, start=0,
+                                width=spec.shared_ffn_hidden_size, tp_rank=rank.tp_rank, tp_size=rank.tp_size)
+    entries = [PlanEntry(f"{c}/{shared.fc1.name}", "shared", shared.fc1.shape, fc1, layer=layer, role="fc1"),
+               PlanEntry(f"{c}/{shared.fc2.name}", "shared", shared.fc2.shape, fc2, layer=layer, role="fc2")]
+    if shared.gate is not None:
+        entries.append(PlanEntry(f"{c}/{shared.gate.name}", "shared_gate", shared.gate.shape, layer=layer))
     return entries
 
 

@@ -18,11 +18,12 @@ def layer_generator(seed: int, layer: int, stream: int) -> torch.Generator:
 
 
 def router_weights(seed: int, layer: int, spec: UpcycleSpec, std: float) -> torch.Tensor:
-    """(E·G, H) router rows; for G > 1 each virtual group of G experts shares one row.
+    """(E·G, H) router rows; for G > 1 each virtual group of G experts (G - S beside S shared
+    slices: ``spec.routed_slices``) shares one row.
 
     Identical rows within a group make top-(T·G) pick whole groups, so the G slices of the
     dense FFN are always chosen together (He et al.'s virtual-group initialisation).
     """
     gen = layer_generator(seed, layer, _ROUTER_STREAM)
     rows = torch.randn(spec.coarse_experts, spec.hidden_size, generator=gen) * std
-    return rows.repeat_interleave(spec.granularity, dim=0)
+    return rows.repeat_interleave(spec.routed_slices, dim=0)

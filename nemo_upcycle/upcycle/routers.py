@@ -3,13 +3,27 @@
 A row holds what the rest of the code asks about a router: the megatron-core settings that
 select it, whether its chosen weights sum to one (which makes upcycling exact at step 0
 with identical experts), how expert weights are scaled to keep the FFN's output, the
-load-balancing setting it requires, and the routing it computes at inference (which decides
-the Hugging Face architecture it exports to).
+load-balancing setting it requires and its ``router=<type>`` preset (registered with Hydra
+from the row: nemo_upcycle/config/schema.py), and the routing it computes at inference,
+one of :data:`ROUTINGS` (which decides the Hugging Face architecture it exports to, and
+which router an exported folder reads back as). A router whose inference routing is new
+also needs the export targets that compute it to list it (checkpoint/hf/export_targets.py).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Optional
+
+
+# What megatron-core can compute at inference, in words (the export's refusals quote them).
+ROUTINGS = {
+    "topk_softmax": "top-k of the logits, then softmax over the chosen",
+    "softmax_topk": "softmax over all experts, then top-k without renormalising",
+    "sigmoid_bias": "sigmoid scores with a per-expert selection bias",
+    "sigmoid": "the sigmoid of the single chosen logit",
+}
+# The auxiliary loss's coefficient of a preset balancing with it (the paper's 1e-2).
+AUX_LOSS_COEFF = 1e-2
 
 
 @dataclass(frozen=True)
@@ -35,6 +49,13 @@ class RouterRow:
     # chosen scores renormalised when k > 1); and, when it differs, with one chosen expert.
     inference_routing: str = "topk_softmax"
     inference_routing_top1: Optional[str] = None
+
+    def preset(self) -> dict:
+        """``router=<type>``'s values beyond RouterConfig's defaults: its balancing, and the
+        auxiliary loss only where it balances with one."""
+        balancing = self.required_load_balancing or "aux_loss"
+        return dict(type=self.type, load_balancing=balancing,
+                    aux_loss_coeff=AUX_LOSS_COEFF if balancing == "aux_loss" else 0.0)
 
     def megatron_settings(self, router: Any) -> dict:
         return dict(
@@ -76,6 +97,15 @@ ROUTERS: dict[str, RouterRow] = {
     )
 }
 ROUTER_TYPES = tuple(ROUTERS)
+
+
+def router_computing(routing: str) -> str:
+    """The first router type (in :data:`ROUTERS`' order) that computes ``routing`` at inference
+    with k > 1: what a Hugging Face folder computing it reads back as."""
+    for row in ROUTERS.values():
+        if row.inference_routing == routing:
+            return row.type
+    raise ValueError(f"no router computes {ROUTINGS.get(routing, routing)} at inference")
 
 
 def router_row(router_type: str) -> RouterRow:

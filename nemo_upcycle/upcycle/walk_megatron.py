@@ -15,6 +15,7 @@ from nemo_upcycle.upcycle.local_model import (
     LocalExpert,
     MoeFfn,
     Param,
+    SharedExpert,
     StateTensor,
 )
 
@@ -67,7 +68,14 @@ def _describe_ffn(layer_module, module_names: dict[int, str]) -> Ffn:
         )
         for local_idx, (n1, w1, n2, w2) in enumerate(local_expert_weights(mlp.experts))
     )
-    return MoeFfn(layer, Param(f"{prefix}.router.weight", tuple(mlp.router.weight.shape)), experts)
+    shared = None
+    if getattr(mlp, "shared_experts", None) is not None:
+        se = mlp.shared_experts
+        gate = None if se.gate_weight is None else Param(f"{prefix}.shared_experts.gate_weight", tuple(se.gate_weight.shape))
+        shared = SharedExpert(Param(f"{prefix}.shared_experts.linear_fc1.weight", tuple(se.linear_fc1.weight.shape)),
+                              Param(f"{prefix}.shared_experts.linear_fc2.weight", tuple(se.linear_fc2.weight.shape)),
+                              gate)
+    return MoeFfn(layer, Param(f"{prefix}.router.weight", tuple(mlp.router.weight.shape)), experts, shared)
 
 
 def local_expert_weights(experts) -> list[tuple[str, torch.Tensor, str, torch.Tensor]]:

@@ -69,7 +69,7 @@ def save_upcycled_nemo_layout(overrides: list[str], out_dir: str) -> dict:
     from nemo_upcycle.config.compose import compose_config
     from nemo_upcycle.checkpoint.sources.dense_source import open_dense_source
     from nemo_upcycle.evaluation.backends import chunks_sharded_state
-    from nemo_upcycle.model.megatron_keys import prefix_sharded_keys
+    from nemo_upcycle.model.megatron_keys import NEMO_PREFIX, prefix_sharded_keys
     from nemo_upcycle.model.modeling import build_model_chunks
     from nemo_upcycle.platform.distributed import setup_parallel
     from nemo_upcycle.upcycle.engine import upcycle_from_dense
@@ -81,6 +81,6 @@ def save_upcycled_nemo_layout(overrides: list[str], out_dir: str) -> dict:
     upcycle_from_dense(chunks, cfg, source)
     weights = os.path.join(out_dir, "weights")
     os.makedirs(weights, exist_ok=True)
-    dist_checkpointing.save(prefix_sharded_keys(chunks_sharded_state(chunks), "module."), weights)
+    dist_checkpointing.save(prefix_sharded_keys(chunks_sharded_state(chunks), NEMO_PREFIX), weights)
     os.makedirs(os.path.join(out_dir, "context"), exist_ok=True)
     return {"ok": True}

@@ -21,7 +21,7 @@ def verify_at(base: list[str], layout: list[str], breakage: Optional[str] = None
     from nemo_upcycle.config.validate import validate
     from nemo_upcycle.platform.launcher_env import launch_world_size
     from nemo_upcycle.upcycle import engine
-    from nemo_upcycle.upcycle.verify import run_verify, verdict
+    from nemo_upcycle.upcycle.step0_check import run_verify, verdict
 
     started = time.monotonic()
     cfg = compose_config(base + layout)
@@ -74,4 +74,14 @@ def _norm_at_init(chunks) -> None:
             layer.pre_mlp_layernorm.weight.fill_(1.0)
 
 
-BREAKAGES = {"expert_slice": _swap_gate_and_up, "norm_at_init": _norm_at_init}
+def _shared_share_off(chunks) -> None:
+    """A wrong shared/routed split: the first MoE layer's shared expert output 1.5 times its share."""
+    import torch
+
+    layer = _first_moe_layer(chunks)
+    if layer is not None:
+        with torch.no_grad():
+            layer.mlp.shared_experts.linear_fc2.weight.mul_(1.5)
+
+
+BREAKAGES = {"expert_slice": _swap_gate_and_up, "norm_at_init": _norm_at_init, "shared_share": _shared_share_off}

@@ -8,7 +8,7 @@ stacked or per layer, with or without ``module.``, under either layer spec's nam
 :mod:`nemo_upcycle.model.megatron_keys`), or an in-memory model
 (:class:`~nemo_upcycle.checkpoint.sources.in_memory.ModelSource`).
 
-The target (Mixtral, Qwen2-MoE, Qwen3-MoE; Llama, Qwen2, Qwen3 for a dense model) is the
+The target (Mixtral, Qwen2-MoE, Qwen3-MoE, GLM-4-MoE; Llama, Qwen2, Qwen3 for a dense model) is the
 one whose transformers code computes this configuration exactly
 (:mod:`nemo_upcycle.checkpoint.hf.export_targets`); a configuration none computes is refused
 with the reasons, rather than writing a folder that loads but computes something else.
@@ -23,10 +23,12 @@ from typing import Any, Optional
 
 import torch
 
+from nemo_upcycle.checkpoint.architecture import Architecture
 from nemo_upcycle.checkpoint.hf.export_targets import ExportError, ExportTarget, choose_target
 from nemo_upcycle.checkpoint.hf.generation_config import stated_token_ids
 from nemo_upcycle.checkpoint.hf.config_json import hf_config
-from nemo_upcycle.checkpoint.hf.mapping import LlamaShape, canonical_shapes, hf_shapes, inert_shapes, llama_boxes
+from nemo_upcycle.checkpoint.hf.mapping import (LlamaShape, canonical_shapes, hf_factors, hf_shapes, inert_shapes,
+                                                 llama_boxes)
 from nemo_upcycle.model.megatron_keys import MegatronNaming, is_model_key, keyed_shapes
 from nemo_upcycle.checkpoint.convert.safetensors_writer import ST_DTYPE_NAMES, write_shards
 from nemo_upcycle.checkpoint.hf.tokenizer_files import tokenizer_files
@@ -43,16 +45,10 @@ def check_exportable(cfg: Any) -> ExportTarget:
 
 
 def llama_shape(cfg: Any, target: Optional[ExportTarget] = None) -> LlamaShape:
-    """The HF shape of the model in ``cfg``; granular experts become E*G experts of width F/G."""
+    """The HF shape of the model in ``cfg`` written as ``target`` (default: the one export picks)."""
     spec = UpcycleSpec.of(cfg)
-    shape = LlamaShape.of_model(cfg.model, num_experts=spec.num_experts, moe_layers=list(spec.moe_layers))
-    if spec.is_moe:
-        shape.dense_ffn_hidden_size = shape.ffn_hidden_size
-        shape.ffn_hidden_size = spec.expert_ffn_hidden_size
-        shape.moe_layout = (target or choose_target(cfg)).model_type
-        if shape.moe_layout == "glm4_moe":  # its shared experts are as wide as the routed ones
-            shape.shared_expert_width = shape.ffn_hidden_size
-    return shape
+    moe_layout = (target or choose_target(cfg)).model_type if spec.is_moe else None
+    return LlamaShape.of(Architecture.of(cfg.model), spec, moe_layout)
 
 
 def source_dtype(source) -> torch.dtype:
@@ -148,11 +144,19 @@ def export_hf(
         raise ExportError(f"dtype {dtype} cannot be exported; use float32, bfloat16 or float16")
     token_ids = stated_token_ids(tokenizer_dir)
     slices = slices_by_hf_tensor(boxes, naming)
+    scaled = hf_factors(shape)
+    factors = {b.hf: scaled[b.target] for b in boxes if b.target in scaled}
 
     def tensor(name: str) -> torch.Tensor:
-        if name in inert:  # required by the architecture, not in the model: zero makes it add exactly 0
+        if name in inert:  # required by the architecture, not in the model: zeros (hf/moe_layouts.py)
             return torch.zeros(shapes[name], dtype=dtype)
-        return read_hf_tensor(source, slices[name], shapes[name], dtype)
+        out = read_hf_tensor(source, slices[name], shapes[name], dtype)
+        if name in factors:  # a power of two: exact unless it overflows
+            out.mul_(factors[name])
+            if not bool(torch.isfinite(out).all()):
+                raise ExportError(f"{name} overflows {dtype} when scaled by {factors[name]} "
+                                  "(hf/moe_layouts.py); export in a wider dtype")
+        return out
 
     def write(folder: Path) -> tuple[int, int, list[str]]:
         folder.mkdir(parents=True)

@@ -12,13 +12,16 @@ a folder that looks finished.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from nemo_upcycle.checkpoint.hf.mapping import LlamaShape
-from nemo_upcycle.checkpoint.hf.read_back import MoeFolderError, MoeReadBack, check_inert, stated_by_hf_folder_config
+from nemo_upcycle.checkpoint.hf.mapping import LlamaShape, hf_factors
+from nemo_upcycle.checkpoint.hf.moe_layouts import INERT
+from nemo_upcycle.checkpoint.hf.read_back import (MoeFolderError, MoeReadBack, read_shared_expert,
+                                                  stated_by_hf_folder_config)
 from nemo_upcycle.checkpoint.sources.torch_dist import MODEL_INFO
 from nemo_upcycle.checkpoint.hf.tokenizer_files import is_gguf_copy
 from nemo_upcycle.errors import UserError
@@ -32,8 +35,8 @@ class ImportError_(UserError):
 def template_overrides(stated: dict, shape: LlamaShape, topk: int = 2, moe: Optional[MoeReadBack] = None) -> list[str]:
     """Hydra overrides of the model whose checkpoint layout the import writes.
 
-    ``moe`` (an MoE folder's settings) gives the granularity and router; without it the MoE
-    is E experts of width ``shape.ffn_hidden_size`` routed top-``topk`` (G = 1).
+    ``moe`` (an MoE folder's settings) gives the granularity, router and shared expert; without
+    it the MoE is E experts of width ``shape.ffn_hidden_size`` routed top-``topk`` (G = 1).
     """
     base = ["model=auto", "model.name=import", "model.dense_checkpoint=none",
             *(f"model.{k}={'null' if v is None else v}" for k, v in stated.items())]
@@ -43,7 +46,8 @@ def template_overrides(stated: dict, shape: LlamaShape, topk: int = 2, moe: Opti
     experts, coarse_topk = moe.coarse()
     layers = "all" if len(shape.moe_layers) == shape.num_layers else "[" + ",".join(map(str, shape.moe_layers)) + "]"
     return base + ["moe=e8t2", f"moe.num_experts={experts}", f"moe.topk={coarse_topk}",
-                   f"moe.granularity={moe.granularity}", f"moe.layers={layers}", f"router={moe.router}"]
+                   f"moe.granularity={moe.granularity}", f"moe.layers={layers}", f"router={moe.router}",
+                   *moe.shared_overrides()]
 
 
 def check_output_dir(output_dir: Path, overwrite: bool) -> None:
@@ -73,8 +77,16 @@ def import_source(source, stated: dict, output_dir: Path, overwrite: bool = Fals
     model_info = dict(stated, num_experts=source.shape.num_experts, moe_layers=source.shape.moe_layers,
                       source=str(source.path), dtype=str(dtype).replace("torch.", ""), **(info or {}))
 
+    # Tensors the folder stores times a power of two (hf/mapping.py hf_factors): divided back, exactly.
+    factors = {}
+    for target, factor in hf_factors(source.shape).items():
+        key, lead = source.naming.key(*target)
+        assert not lead, key  # the shared expert's tensors are per layer (an MoE model's keys)
+        factors[key] = factor
+
     def provide(key, offsets, shape):
-        return source.get(key, offsets, shape, dtype)
+        out = source.get(key, offsets, shape, dtype)
+        return out / factors[key] if key in factors else out
 
     def write(target: Path) -> dict:
         return write_streaming(tensors, objects, provide, target, dtype=dtype,
@@ -94,16 +106,21 @@ def import_hf_folder(folder: Path, output_dir: Path, overwrite: bool = False,
         source = SafetensorsSource(folder)
     except HFFormatError as err:
         raise ImportError_(str(err)) from None
-    config = source.folder.config
+    config, stated = source.folder.config, source.folder.stated
     moe = None
     if source.shape.num_experts:
         _, moe = stated_by_hf_folder_config(config, str(source.path / "config.json"))
-        try:
-            check_inert(source.folder, source.shape, source.path)  # before anything is written
+        try:  # the shared expert's tensors decide it, before anything is written
+            moe = read_shared_expert(source.folder, source.shape, moe, config, source.path)
         except MoeFolderError as err:
             raise ImportError_(str(err)) from None
+        if moe.shared_expert != INERT:
+            # Live or inert, the tensors have the same names and shapes (checked already):
+            # config.json cannot say which, the tensors did (read_shared_expert).
+            source = SafetensorsSource(folder, shape=replace(source.shape, shared_expert=moe.shared_expert))
+        stated = dict(stated, ffn_hidden_size=moe.dense_ffn_hidden_size)  # F: a shared copy's width
     topk = int(config.get("num_experts_per_tok", 2) or 2)
-    return import_source(source, source.folder.stated, output_dir, overwrite, dtype, progress, topk, moe)
+    return import_source(source, stated, output_dir, overwrite, dtype, progress, topk, moe)
 
 
 def import_gguf(gguf_file: Path, output_dir: Path, overwrite: bool = False,

@@ -3,7 +3,9 @@
 A target is exact for a configuration when transformers' own code (no custom code) computes
 what megatron-core computes in eval mode on the same weights: the attention (plain, q/k/v
 biases or q/k norms), the routing function, which layers are MoE layers, and no token ever
-dropped. ``export.architecture=auto`` takes the first exact target in :data:`AUTO_ORDER`;
+dropped, and the shared expert where the model has one (hf/moe_layouts.py: Qwen2-MoE holds
+a gated or an ungated one, GLM-4-MoE an ungated one, Mixtral and Qwen3-MoE none).
+``export.architecture=auto`` takes the first exact target in :data:`AUTO_ORDER`;
 a name asks for that one and is refused, with the reasons, when it is not exact.
 """
 from __future__ import annotations
@@ -12,7 +14,10 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Optional
 
+from nemo_upcycle.checkpoint.architecture import Architecture
+from nemo_upcycle.checkpoint.hf.moe_layouts import GATED, layout, shared_expert_kind
 from nemo_upcycle.errors import UserError
+from nemo_upcycle.upcycle.routers import ROUTINGS
 from nemo_upcycle.upcycle.spec import UpcycleSpec
 
 
@@ -20,12 +25,6 @@ class ExportError(UserError):
     """The checkpoint or configuration cannot be exported; the message says why and what to do."""
 
 
-ROUTING_WORDS = {
-    "topk_softmax": "top-k of the logits, then softmax over the chosen",
-    "softmax_topk": "softmax over all experts, then top-k without renormalising",
-    "sigmoid_bias": "sigmoid scores with a per-expert selection bias",
-    "sigmoid": "the sigmoid of the single chosen logit",
-}
 ATTENTION_WORDS = {"llama": "plain attention", "mistral": "plain attention", "qwen2": "q/k/v biases",
                    "qwen3": "q/k norms"}
 
@@ -36,7 +35,7 @@ class ExportTarget:
     architecture: str  # the class transformers builds
     model_type: str
     families: tuple[str, ...]  # dense families whose attention it holds exactly
-    routings: tuple[str, ...] = ()  # routings it computes (see upcycle/routers.py); () = a dense model
+    routings: tuple[str, ...] = ()  # routings it computes (upcycle/routers.py ROUTINGS); () = a dense model
     # Which layers may keep a dense FFN: "none", "any" (Qwen's mlp_only_layers) or "first"
     # (GLM-4-MoE's first_k_dense_replace: layers 0..k-1).
     dense_layers: str = "none"
@@ -53,7 +52,8 @@ TARGETS = {t.name: t for t in (
     # Qwen2-MoE: softmax, top-k, renormalised only with norm_topk_prob. Softmax over all then
     # renormalising the k chosen is exp(l_i) / sum_{j chosen} exp(l_j), megatron's top-k then
     # softmax; the chosen experts agree because softmax keeps the order of the logits.
-    # qkv_bias switches its q/k/v biases off for a Llama; its shared expert is written inert.
+    # qkv_bias switches its q/k/v biases off for a Llama. Its shared expert holds the model's,
+    # gated or ungated (gate fixed at zero, down_proj x2), or is written inert.
     ExportTarget("qwen2_moe", "Qwen2MoeForCausalLM", "qwen2_moe", ("llama", "mistral", "qwen2"),
                  ("topk_softmax", "softmax_topk"), dense_layers="any", head_dim_free=False),
     # Qwen3-MoE: the same routing, no shared expert, q/k norms always on (a Qwen3 attention).
@@ -65,7 +65,8 @@ TARGETS = {t.name: t for t in (
     # group-limited choice is a plain top-k. Its attention is a Llama's with
     # partial_rotary_factor=1.0 (rotate_half RoPE over the whole head), q/k/v biases by
     # attention_bias (no o_proj bias: Qwen2's) and q/k norms by use_qk_norm (Qwen3's, before
-    # RoPE). Its ungated shared experts are written inert.
+    # RoPE). Its ungated shared experts (n_shared_experts x the routed width) hold the model's
+    # ungated one (copy: G slices wide, slices: S) or are written inert.
     ExportTarget("glm4_moe", "Glm4MoeForCausalLM", "glm4_moe", ("llama", "mistral", "qwen2", "qwen3"),
                  ("sigmoid_bias",), dense_layers="first"),
     ExportTarget("llama", "LlamaForCausalLM", "llama", ("llama", "mistral")),
@@ -88,10 +89,8 @@ def _export_option(cfg: Any, name: str, default: Any) -> Any:
 
 def target_problems(target: ExportTarget, cfg: Any) -> list[str]:
     """Why ``target`` would compute something else than this configuration (empty: it is exact)."""
-    from nemo_upcycle.checkpoint.architecture import effective_head_dim
-
-    model, moe = cfg.model, cfg.moe
-    family = getattr(model, "family", "llama")
+    arch, moe = Architecture.of(cfg.model), cfg.moe
+    family = arch.family
     problems = []
     if family not in target.families:
         problems.append(f"model.family={family} has {ATTENTION_WORDS.get(family, 'its own attention')}; "
@@ -104,20 +103,36 @@ def target_problems(target: ExportTarget, cfg: Any) -> list[str]:
     spec = UpcycleSpec.of(cfg)
     routing = spec.router.routing_at_inference(spec.topk)
     if routing not in target.routings:
-        problems.append(f"router.type={cfg.router.type} with top-{spec.topk} computes {ROUTING_WORDS[routing]} "
+        problems.append(f"router.type={cfg.router.type} with top-{spec.topk} computes {ROUTINGS[routing]} "
                         f"at inference; {target.architecture} computes "
-                        + " or ".join(ROUTING_WORDS[r] for r in target.routings))
-    dense = sorted(set(range(model.num_layers)) - set(spec.moe_layers))
+                        + " or ".join(ROUTINGS[r] for r in target.routings))
+    dense = sorted(set(range(arch.num_layers)) - set(spec.moe_layers))
     if dense and target.dense_layers == "none":
         problems.append(f"moe.layers={moe.layers} leaves layers {dense} dense; "
                         f"{target.architecture} has an MoE FFN in every layer")
     if dense and target.dense_layers == "first" and dense != list(range(len(dense))):
         problems.append(f"moe.layers={moe.layers} leaves layers {dense} dense; {target.architecture} "
                         "keeps only its first layers dense (first_k_dense_replace)")
-    if not target.head_dim_free and effective_head_dim(model) * model.num_attention_heads != model.hidden_size:
-        problems.append(f"model.head_dim={effective_head_dim(model)} x {model.num_attention_heads} heads != "
-                        f"hidden_size={model.hidden_size}; {target.architecture} requires them equal")
+    problems += shared_expert_problems(target, spec)
+    if not target.head_dim_free and arch.head_dim * arch.num_attention_heads != arch.hidden_size:
+        problems.append(f"model.head_dim={arch.head_dim} x {arch.num_attention_heads} heads != "
+                        f"hidden_size={arch.hidden_size}; {target.architecture} requires them equal")
     return problems
+
+
+def shared_expert_problems(target: ExportTarget, spec: UpcycleSpec) -> list[str]:
+    """Why ``target``'s MoE layers cannot hold the model's shared expert (empty: they can)."""
+    kind = shared_expert_kind(spec)
+    lay = layout(target.model_type)
+    if lay.holds(kind):
+        return []
+    holders = " and ".join(t.architecture for t in TARGETS.values() if t.is_moe and layout(t.model_type).holds(kind))
+    if kind == GATED and lay.shared:
+        return [f"moe.shared_expert.gate=true puts a sigmoid gate on the shared expert; {target.architecture}'s "
+                f"shared experts are ungated ({holders} holds a gated one; for {target.architecture} train with "
+                "moe.shared_expert.gate=false)"]
+    return [f"moe.shared_expert.mode={spec.shared_mode} adds a shared expert every token runs; "
+            f"{target.architecture} has none (a {kind} one is held by {holders})"]
 
 
 def dropped_tokens(cfg: Any) -> Optional[str]:
@@ -172,7 +187,7 @@ def choose_target(cfg: Any) -> ExportTarget:
         if not tried[name]:
             return TARGETS[name]
     relevant = {n: ps for n, ps in tried.items() if TARGETS[n].is_moe == (cfg.moe.num_experts > 0)}
-    family = getattr(cfg.model, "family", "llama")
+    family = Architecture.of(cfg.model).family
     # The targets that hold this attention say more than the list of those that do not.
     holding = {n: ps for n, ps in relevant.items() if family in TARGETS[n].families}
     relevant = holding or relevant

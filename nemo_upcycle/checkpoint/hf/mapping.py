@@ -1,4 +1,4 @@
-"""Mapping between Hugging Face Llama-family / MoE (Mixtral, Qwen2-MoE, Qwen3-MoE) tensors and megatron-core GPTModel tensors.
+"""Mapping between Hugging Face Llama-family / MoE (Mixtral, Qwen2-MoE, Qwen3-MoE, GLM-4-MoE) tensors and megatron-core GPTModel tensors.
 
 Llama, Mistral, Qwen2 (q/k/v biases) and Qwen3 (q/k norms) share one layout; the flags of
 :class:`LlamaShape` add the family's extra tensors.
@@ -10,7 +10,10 @@ always over all columns. The fused layouts of megatron-core are boxes too:
 
 * ``linear_qkv``: per query group ``g``, that group's query heads, then its key head, then
   its value head (``[q_g0, k_0, v_0, q_g1, k_1, v_1, ...]``);
-* ``linear_fc1`` of a SwiGLU MLP (dense or expert): ``[gate; up]``.
+* ``linear_fc1`` of a SwiGLU MLP (dense, expert or shared expert): ``[gate; up]``.
+
+A megatron tensor is an HF tensor's rows as they are, except an ungated shared expert's down
+projection on Qwen2-MoE, which is stored times 2 (:func:`hf_factors`, hf/moe_layouts.py).
 
 Megatron tensors are named canonically as (layer or None, name within the layer, expert
 or None); :mod:`nemo_upcycle.model.megatron_keys` (the one home of megatron-core's key
@@ -19,11 +22,12 @@ checkpoint keys into that form and back.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass, field, replace
+from typing import Any, Optional
 
-from nemo_upcycle.checkpoint.architecture import effective_head_dim
-from nemo_upcycle.checkpoint.hf.moe_layouts import layout
+from nemo_upcycle.checkpoint.architecture import Architecture
+from nemo_upcycle.checkpoint.hf.moe_layouts import (FIXED_GATE_FACTOR, GATED, INERT, UNGATED, hf_shared_expert_width,
+                                                    layout, shared_expert_kind)
 from nemo_upcycle.model.megatron_keys import (
     ATTN_NORM,
     Canonical,
@@ -42,10 +46,14 @@ from nemo_upcycle.model.megatron_keys import (
     QKV_BIAS,
     ROUTER,
     ROUTER_BIAS,
+    SHARED_FC1,
+    SHARED_FC2,
+    SHARED_GATE,
 )
+from nemo_upcycle.upcycle.spec import UpcycleSpec
 
 
-@dataclass
+@dataclass(frozen=True)
 class LlamaShape:
     """What the mapping needs to know about a (dense or MoE) Llama-architecture model."""
 
@@ -63,22 +71,42 @@ class LlamaShape:
     moe_layers: list = field(default_factory=list)  # layer indices with an MoE FFN
     dense_ffn_hidden_size: Optional[int] = None  # FFN width of layers left dense
     moe_layout: str = "mixtral"  # how the HF MoE layers are named (checkpoint/hf/moe_layouts.py)
-    shared_expert_width: int = 1  # of the inert shared expert (Qwen2-MoE, GLM-4-MoE)
+    shared_expert_width: int = 1  # of the HF shared expert (Qwen2-MoE, GLM-4-MoE)
+    # How it holds megatron-core's (hf/moe_layouts.py): INERT (none: zeros), GATED or UNGATED.
+    shared_expert: str = INERT
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.num_experts > 0 and layer in set(self.moe_layers)
 
     @classmethod
-    def of_model(cls, model, **moe) -> "LlamaShape":
-        """The shape of the dense model a ``model.*`` config (or a dict of its keys) describes."""
-        get = model.get if isinstance(model, dict) else (lambda k, d=None: getattr(model, k, d))
-        return cls(
-            num_layers=int(get("num_layers")), hidden_size=int(get("hidden_size")),
-            num_attention_heads=int(get("num_attention_heads")), num_query_groups=int(get("num_query_groups")),
-            head_dim=effective_head_dim(model), ffn_hidden_size=int(get("ffn_hidden_size")),
-            vocab_size=int(get("vocab_size")), tie_embeddings=bool(get("tie_embeddings")),
-            qkv_bias=bool(get("qkv_bias", False)), qk_layernorm=bool(get("qk_layernorm", False)), **moe,
+    def of(cls, arch: Architecture, spec: Optional[UpcycleSpec] = None,
+           moe_layout: Optional[str] = None) -> "LlamaShape":
+        """The HF shape of ``arch`` upcycled by ``spec`` (None, or a dense spec: the dense model),
+        its MoE layers named as ``moe_layout`` (an MoE model_type, hf/moe_layouts.py).
+
+        Granular experts become E·G experts of width F/G (E·(G - S) beside S shared slices),
+        the shared expert the layout's.
+        """
+        dense = cls(
+            num_layers=arch.num_layers, hidden_size=arch.hidden_size, num_attention_heads=arch.num_attention_heads,
+            num_query_groups=arch.num_query_groups, head_dim=arch.head_dim, ffn_hidden_size=arch.ffn_hidden_size,
+            vocab_size=arch.vocab_size, tie_embeddings=arch.tie_embeddings, qkv_bias=arch.qkv_bias,
+            qk_layernorm=arch.qk_layernorm,
         )
+        if spec is None or not spec.is_moe:
+            return dense
+        if moe_layout is None:
+            raise ValueError("an MoE model's HF shape needs the layout of its MoE layers")
+        kind, width = shared_expert_kind(spec), hf_shared_expert_width(spec, moe_layout)
+        return replace(dense, ffn_hidden_size=spec.expert_ffn_hidden_size, dense_ffn_hidden_size=arch.ffn_hidden_size,
+                       num_experts=spec.num_experts, moe_layers=list(spec.moe_layers), moe_layout=moe_layout,
+                       shared_expert=kind, shared_expert_width=width)
+
+    @classmethod
+    def of_model(cls, model: Any, **moe: Any) -> "LlamaShape":
+        """The shape of the model a ``model.*`` config (or a dict of its keys) describes, with
+        ``moe`` replacing fields: an MoE folder read back states its experts itself (hf/read_back.py)."""
+        return replace(cls.of(Architecture.of(model)), **moe)
 
 
 @dataclass(frozen=True)
@@ -125,6 +153,8 @@ def llama_boxes(shape: LlamaShape) -> list[Box]:
         boxes.append(_rows_box(p + "post_attention_layernorm.weight", (i, MLP_NORM, None), h))
         if shape.is_moe_layer(i):
             f, lay = shape.ffn_hidden_size, layout(shape.moe_layout)
+            if not lay.holds(shape.shared_expert):  # export_targets refuses this before any mapping
+                raise ValueError(f"{lay.model_type} holds no {shape.shared_expert} shared expert")
             boxes.append(_rows_box(lay.router(p), (i, ROUTER, None), shape.num_experts))
             if lay.router_bias:
                 boxes.append(_rows_box(lay.router_bias_name(p), (i, ROUTER_BIAS, None), shape.num_experts))
@@ -132,6 +162,13 @@ def llama_boxes(shape: LlamaShape) -> list[Box]:
                 boxes.append(Box(lay.expert(p, e, lay.gate), 0, f, (i, EXPERT_FC1, e), 0))
                 boxes.append(Box(lay.expert(p, e, lay.up), 0, f, (i, EXPERT_FC1, e), f))
                 boxes.append(_rows_box(lay.expert(p, e, lay.down), (i, EXPERT_FC2, e), h))
+            if shape.shared_expert != INERT:
+                w = shape.shared_expert_width
+                boxes.append(Box(lay.shared_proj(p, lay.gate), 0, w, (i, SHARED_FC1, None), 0))
+                boxes.append(Box(lay.shared_proj(p, lay.up), 0, w, (i, SHARED_FC1, None), w))
+                boxes.append(_rows_box(lay.shared_proj(p, lay.down), (i, SHARED_FC2, None), h))
+            if shape.shared_expert == GATED:
+                boxes.append(_rows_box(lay.shared_gate_name(p), (i, SHARED_GATE, None), 1))
         else:
             f = shape.dense_ffn_hidden_size or shape.ffn_hidden_size
             boxes.append(Box(p + "mlp.gate_proj.weight", 0, f, (i, FC1, None), 0))
@@ -171,7 +208,7 @@ def hf_shapes(shape: LlamaShape) -> dict[str, tuple[int, ...]]:
                 out[lay.expert(p, e, lay.gate)] = (f, h)
                 out[lay.expert(p, e, lay.down)] = (h, f)
                 out[lay.expert(p, e, lay.up)] = (f, h)
-            out.update(lay.inert_shapes(p, h, shape.shared_expert_width))
+            out.update(lay.shared_shapes(p, h, shape.shared_expert_width))
         else:
             f = shape.dense_ffn_hidden_size or shape.ffn_hidden_size
             out[p + "mlp.gate_proj.weight"] = (f, h)
@@ -184,10 +221,27 @@ def hf_shapes(shape: LlamaShape) -> dict[str, tuple[int, ...]]:
 
 
 def inert_shapes(shape: LlamaShape) -> dict[str, tuple[int, ...]]:
-    """The HF tensors no megatron tensor maps to: zeros the architecture requires (see hf/moe_layouts.py)."""
+    """The HF tensors no megatron tensor maps to, written as zeros: the architecture's shared
+    expert where the model has none, Qwen2-MoE's gate of an ungated one (hf/moe_layouts.py)."""
+    mapped = {b.hf for b in llama_boxes(shape)}
+    return {name: s for name, s in hf_shapes(shape).items() if name not in mapped}
+
+
+def zero_tensors(shape: LlamaShape) -> list[str]:
+    """Of :func:`inert_shapes`, those whose zeros the folder needs to compute the megatron model
+    (the others need only be finite: 0 times them is 0)."""
     lay = layout(shape.moe_layout)
-    return {name: s for i in shape.moe_layers if shape.is_moe_layer(i)
-            for name, s in lay.inert_shapes(f"model.layers.{i}.", shape.hidden_size, shape.shared_expert_width).items()}
+    return [name for i in shape.moe_layers if shape.is_moe_layer(i)
+            for name in lay.zero_tensors(f"model.layers.{i}.", shape.shared_expert)]
+
+
+def hf_factors(shape: LlamaShape) -> dict[Canonical, float]:
+    """Megatron tensors the HF folder stores times a factor (export multiplies, import divides):
+    an ungated shared expert's down projection behind Qwen2-MoE's gate fixed at sigmoid(0) = 1/2.
+    Powers of two, so both directions are exact."""
+    if shape.shared_expert != UNGATED or layout(shape.moe_layout).shared_gate is None:
+        return {}
+    return {(i, SHARED_FC2, None): FIXED_GATE_FACTOR for i in shape.moe_layers if shape.is_moe_layer(i)}
 
 
 def canonical_shapes(boxes: list[Box], hf: dict[str, tuple[int, ...]]) -> dict[Canonical, tuple[int, ...]]:

@@ -16,9 +16,10 @@ from typing import Any
 
 from omegaconf import OmegaConf, open_dict
 
-from nemo_upcycle.checkpoint.architecture import ARCH_KEYS, effective_head_dim, fill_and_compare
+from nemo_upcycle.checkpoint.architecture import ARCH_KEYS, Architecture, fill_and_compare
 from nemo_upcycle.checkpoint.sources.embedded import EMBEDDED_PREFIX, ensure_embedded, is_embedded
-from nemo_upcycle.upcycle.errors import DenseCheckpointMismatch, UpcycleError
+from nemo_upcycle.model.megatron_keys import EMBEDDING, FC1, FC2, OUTPUT, PROJ, Q_NORM, QKV, QKV_BIAS
+from nemo_upcycle.errors import DenseCheckpointMismatch, UpcycleError
 from nemo_upcycle.upcycle.dense_keys import DenseKeyResolver
 
 MEGATRON_LM_TRACKER = "latest_checkpointed_iteration.txt"
@@ -105,16 +106,16 @@ def stated_by_shapes(shapes: dict[str, tuple[int, ...]]) -> dict:
     resolver = DenseKeyResolver(shapes, num_layers=None)
     out = {}
     try:
-        out["vocab_size"], out["hidden_size"] = resolver.dense_shape(None, "embedding.word_embeddings.weight")
-        out["num_layers"] = resolver.layer_count("self_attention.linear_qkv.weight")
-        out["ffn_hidden_size"] = resolver.dense_shape(0, "mlp.linear_fc1.weight")[0] // 2
+        out["vocab_size"], out["hidden_size"] = resolver.dense_shape(None, EMBEDDING)
+        out["num_layers"] = resolver.layer_count(QKV)
+        out["ffn_hidden_size"] = resolver.dense_shape(0, FC1)[0] // 2
     except DenseCheckpointMismatch as err:
         raise DenseCheckpointMismatch(f"not a dense Llama-family checkpoint: {err}") from None
-    out["tie_embeddings"] = not resolver.has(None, "output_layer.weight")
-    out["qkv_bias"] = resolver.has(0, "self_attention.linear_qkv.bias")
-    out["qk_layernorm"] = resolver.has(0, "self_attention.q_layernorm.weight")
+    out["tie_embeddings"] = not resolver.has(None, OUTPUT)
+    out["qkv_bias"] = resolver.has(0, QKV_BIAS)
+    out["qk_layernorm"] = resolver.has(0, Q_NORM)
     if out["qk_layernorm"]:
-        out["head_dim"] = resolver.dense_shape(0, "self_attention.q_layernorm.weight")[0]
+        out["head_dim"] = resolver.dense_shape(0, Q_NORM)[0]
     return out
 
 
@@ -173,25 +174,25 @@ def open_dense_source(cfg: Any):
 
 def shape_problems(m: Any, shapes: dict[str, tuple[int, ...]]) -> list[str]:
     """Every tensor shape the (filled) config implies that the checkpoint does not have."""
-    resolver = DenseKeyResolver(shapes, m.num_layers)
-    head_dim = effective_head_dim(m)
-    qkv_rows = (m.num_attention_heads + 2 * m.num_query_groups) * head_dim
+    arch = Architecture.of(m)
+    resolver = DenseKeyResolver(shapes, arch.num_layers)
+    qkv_rows = (arch.num_attention_heads + 2 * arch.num_query_groups) * arch.head_dim
     expected = {
-        (None, "embedding.word_embeddings.weight"): ((m.vocab_size, m.hidden_size), "vocab_size, hidden_size"),
-        (0, "self_attention.linear_qkv.weight"): (
-            (qkv_rows, m.hidden_size), "(num_attention_heads + 2*num_query_groups) * head_dim, hidden_size"),
-        (0, "self_attention.linear_proj.weight"): (
-            (m.hidden_size, m.num_attention_heads * head_dim), "hidden_size, num_attention_heads * head_dim"),
-        (0, "mlp.linear_fc1.weight"): ((2 * m.ffn_hidden_size, m.hidden_size), "2*ffn_hidden_size, hidden_size"),
-        (0, "mlp.linear_fc2.weight"): ((m.hidden_size, m.ffn_hidden_size), "hidden_size, ffn_hidden_size"),
-        (m.num_layers - 1, "mlp.linear_fc1.weight"): ((2 * m.ffn_hidden_size, m.hidden_size), "the last layer's FFN"),
+        (None, EMBEDDING): ((arch.vocab_size, arch.hidden_size), "vocab_size, hidden_size"),
+        (0, QKV): (
+            (qkv_rows, arch.hidden_size), "(num_attention_heads + 2*num_query_groups) * head_dim, hidden_size"),
+        (0, PROJ): ((arch.hidden_size, arch.num_attention_heads * arch.head_dim),
+                    "hidden_size, num_attention_heads * head_dim"),
+        (0, FC1): ((2 * arch.ffn_hidden_size, arch.hidden_size), "2*ffn_hidden_size, hidden_size"),
+        (0, FC2): ((arch.hidden_size, arch.ffn_hidden_size), "hidden_size, ffn_hidden_size"),
+        (arch.num_layers - 1, FC1): ((2 * arch.ffn_hidden_size, arch.hidden_size), "the last layer's FFN"),
     }
-    if m.qkv_bias:
-        expected[(0, "self_attention.linear_qkv.bias")] = ((qkv_rows,), "q/k/v biases")
-    if m.qk_layernorm:
-        expected[(0, "self_attention.q_layernorm.weight")] = ((head_dim,), "head_dim")
-    if not m.tie_embeddings:
-        expected[(None, "output_layer.weight")] = ((m.vocab_size, m.hidden_size), "an untied output layer")
+    if arch.qkv_bias:
+        expected[(0, QKV_BIAS)] = ((qkv_rows,), "q/k/v biases")
+    if arch.qk_layernorm:
+        expected[(0, Q_NORM)] = ((arch.head_dim,), "head_dim")
+    if not arch.tie_embeddings:
+        expected[(None, OUTPUT)] = ((arch.vocab_size, arch.hidden_size), "an untied output layer")
     problems = []
     for (layer, name), (shape, meaning) in expected.items():
         try:

@@ -87,11 +87,9 @@ def stated_and_shape(config: dict, where: str) -> tuple[dict, LlamaShape]:
         raise HFFormatError(str(err)) from None
     if moe is None or not moe.num_experts:
         return stated, LlamaShape.of_model(stated)
-    shape = LlamaShape.of_model(stated, num_experts=moe.num_experts, moe_layers=moe.moe_layers,
-                                dense_ffn_hidden_size=moe.dense_ffn_hidden_size, moe_layout=moe.layout,
-                                shared_expert_width=moe.shared_expert_width)
-    shape.ffn_hidden_size = moe.expert_ffn_hidden_size
-    return stated, shape
+    return stated, LlamaShape.of_model(stated, ffn_hidden_size=moe.expert_ffn_hidden_size, num_experts=moe.num_experts,
+                                       moe_layers=moe.moe_layers, dense_ffn_hidden_size=moe.dense_ffn_hidden_size,
+                                       moe_layout=moe.layout, shared_expert_width=moe.shared_expert_width)
 
 
 # Buffers some old checkpoints store: derived from rope_theta, never read.
@@ -254,9 +252,11 @@ class MappedHFSource:
 class SafetensorsSource(MappedHFSource):
     """An HF Llama/Mixtral safetensors folder as a dense (or MoE) source for upcycling/import."""
 
-    def __init__(self, path: str | Path, naming: Optional[MegatronNaming] = None):
+    def __init__(self, path: str | Path, naming: Optional[MegatronNaming] = None, shape: Optional[LlamaShape] = None):
+        """``shape``: the model the folder holds where its config.json alone cannot say it (the
+        importer's live shared expert: checkpoint/hf/read_back.py); the folder's own otherwise."""
         self.folder = HFFolder(path)
-        super().__init__(self.folder.path, self.folder.shape,
+        super().__init__(self.folder.path, shape or self.folder.shape,
                          {k: v[1] for k, v in self.folder.tensors.items()}, naming)
 
     def dtype(self) -> torch.dtype:

@@ -19,7 +19,7 @@ from typing import Any, Optional
 import yaml
 
 from nemo_upcycle.checkpoint.architecture import LLAMA3_ROPE_DEFAULTS
-from nemo_upcycle.upcycle.errors import UpcycleError
+from nemo_upcycle.errors import UpcycleError
 
 # NeMo config class name (prefix) -> family. Llama4 and Mixtral are MoE: not matched.
 _FAMILIES = (

@@ -44,10 +44,14 @@ def expert_problems(cfg: Any) -> list[str]:
             f"model.ffn_hidden_size={model.ffn_hidden_size} is not divisible by "
             f"moe.granularity={moe.granularity}; each granular expert takes an equal slice"
         )
+    if shared_expert_problems(cfg):
+        return problems  # the counts below depend on a valid shared expert
     spec = counting_spec(cfg)
     if spec.num_experts % par.ep:
+        routed = (f"x {spec.routed_slices} routed slices" if spec.shared_mode == "slices"
+                  else f"x granularity {moe.granularity}")
         problems.append(
-            f"moe.num_experts={moe.num_experts} (x granularity {moe.granularity} = "
+            f"moe.num_experts={moe.num_experts} ({routed} = "
             f"{spec.num_experts} experts) is not divisible by parallel.ep={par.ep}; "
             "pick an ep that divides the number of experts"
         )
@@ -57,6 +61,40 @@ def expert_problems(cfg: Any) -> list[str]:
             f"expert FFN width {spec.expert_ffn_hidden_size} is not "
             f"divisible by the expert tensor-parallel size {etp} (parallel.etp)"
         )
+    return problems
+
+
+SHARED_EXPERT_MODES = ("none", "copy", "slices")
+
+
+def shared_expert_problems(cfg: Any) -> list[str]:
+    """``moe.shared_expert.*``: a known mode, alpha in (0, 1), S of the G slices with G - S left to
+    route, a width tensor parallelism divides (the shared expert is tensor-parallel)."""
+    moe, shared = cfg.moe, cfg.moe.shared_expert
+    if shared.mode not in SHARED_EXPERT_MODES:
+        return [f"moe.shared_expert.mode={shared.mode} must be one of {', '.join(SHARED_EXPERT_MODES)}"]
+    if shared.mode == "none":
+        return ["moe.shared_expert.gate=true gates a shared expert, but moe.shared_expert.mode=none: set "
+                "moe.shared_expert.mode=copy or slices"] if shared.gate else []
+    if moe.num_experts <= 0:
+        return [f"moe.shared_expert.mode={shared.mode} needs an MoE (moe=e8t2, ...), not moe={moe.name}"]
+    problems = []
+    if shared.mode == "copy" and not 0.0 < shared.alpha < 1.0:
+        problems.append(f"moe.shared_expert.alpha={shared.alpha} must be in (0, 1): the shared expert's share "
+                        "of the FFN's output, the routed experts carrying the rest")
+    if shared.mode == "slices":
+        if moe.granularity < 2:
+            problems.append(f"moe.shared_expert.mode=slices cuts the FFN into moe.granularity slices, "
+                            f"moe.granularity={moe.granularity}: set moe.granularity>=2")
+        elif not 1 <= shared.slices < moe.granularity:
+            problems.append(f"moe.shared_expert.slices={shared.slices} must be between 1 and "
+                            f"moe.granularity-1={moe.granularity - 1}, leaving slices for the routed experts")
+    if problems or moe.granularity < 1 or cfg.model.ffn_hidden_size % moe.granularity:
+        return problems
+    width = counting_spec(cfg).shared_ffn_hidden_size
+    if width % cfg.parallel.tp:
+        problems.append(f"the shared expert's width {width} is not divisible by parallel.tp={cfg.parallel.tp} "
+                        "(it is tensor-parallel like a dense FFN)")
     return problems
 
 
@@ -101,8 +139,8 @@ def initialisation_problems(cfg: Any) -> list[str]:
 
 
 def moe_problems(cfg: Any) -> list[str]:
-    """Every ``moe.*`` problem of an MoE job (moe=dense has none to check)."""
+    """Every ``moe.*`` problem of an MoE job (moe=dense has none to check but a shared expert asked for)."""
     if cfg.moe.num_experts <= 0:
-        return []
-    return (expert_problems(cfg) + token_dropping_problems(cfg) + layer_problems(cfg)
-            + initialisation_problems(cfg))
+        return shared_expert_problems(cfg)
+    return (expert_problems(cfg) + shared_expert_problems(cfg) + token_dropping_problems(cfg)
+            + layer_problems(cfg) + initialisation_problems(cfg))

@@ -2,7 +2,7 @@
 
 Each command reads a different length: training ``trainer.seq_length`` (and the planner
 plans that run), verify ``verify.seq_length`` (rounded down to a multiple the layout allows
-in nemo_upcycle.upcycle.verify: its default is one number for every layout), evaluate pads
+in nemo_upcycle.upcycle.step0_check: its default is one number for every layout), evaluate pads
 its batches up to a multiple itself (nemo_upcycle.evaluation.backends). Failing here
 costs nothing; megatron-core fails in the first forward pass, after every weight was read.
 """

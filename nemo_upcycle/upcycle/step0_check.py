@@ -75,7 +75,8 @@ def run_verify(cfg: DictConfig) -> dict:
     upcycle_from_dense(dense, dense_cfg, source)
     dense_logits = _eval_logits(dense, tokens)
     del dense
-    import_diff = transformers_difference(cfg, source, tokens, dense_logits)
+    reference = transformers_logits(cfg, source, tokens, dense_logits is not None)
+    import_diff = reference_difference(reference, dense_logits)
 
     moe = build_model_chunks(cfg)
     report = upcycle_from_dense(moe, cfg, source)
@@ -97,6 +98,9 @@ def run_verify(cfg: DictConfig) -> dict:
     if dist.get_rank() == 0:
         print_upcycling(cfg, stats, spec, report, [int(b) for b in bytes_read])
     dtype, layers = params_dtype_for(cfg), cfg.model.num_layers
+    if import_diff is not None:
+        # The upcycled model against the independent side directly, not only through our dense model.
+        import_diff["upcycled_max"] = reference_difference(reference, moe_logits)["max"]
     return {"max": _all_reduce(local[0]), "mean": mean, "dtype": dtype, "logit_scale": logit_scale,
             "tolerance": logit_tolerance(cfg, dtype, logit_scale), "reason": inexact_reason(cfg),
             "import": import_diff, "import_tolerance": rounding_tolerance(dtype, logit_scale, layers)}
@@ -116,9 +120,10 @@ def print_upcycling(cfg: DictConfig, stats, spec, report, bytes_per_rank: list[i
     )
 
 
-def transformers_difference(cfg: DictConfig, source, tokens, dense_logits) -> Optional[dict]:
-    """Max abs difference of megatron-core's dense logits from transformers' on the same
-    tokens, when the dense source is (or came from) a Hugging Face folder; None otherwise."""
+def transformers_logits(cfg: DictConfig, source, tokens, holds_logits: bool):
+    """transformers' dense logits on ``tokens`` (this rank's vocabulary slice), when the dense
+    source is (or came from) a Hugging Face folder: (folder, logits or None on ranks without
+    logits); None when there is no such folder or ``verify.transformers=false``."""
     from megatron.core import parallel_state
 
     from nemo_upcycle.checkpoint.hf.transformers_reference import reference_folder, vocab_slice_logits
@@ -131,11 +136,20 @@ def transformers_difference(cfg: DictConfig, source, tokens, dense_logits) -> Op
         print_rank0("import check skipped: the dense checkpoint is not (and was not imported from) "
                     "a Hugging Face folder that transformers can load")
         return None
+    if not holds_logits:
+        return folder, None
+    return folder, vocab_slice_logits(folder, tokens, parallel_state.get_tensor_model_parallel_rank(),
+                                      parallel_state.get_tensor_model_parallel_world_size())
+
+
+def reference_difference(reference, logits) -> Optional[dict]:
+    """Max abs difference (over every rank) of megatron-core's ``logits`` from transformers'."""
+    if reference is None:
+        return None
+    folder, expected = reference
     local = 0.0
-    if dense_logits is not None:
-        reference = vocab_slice_logits(folder, tokens, parallel_state.get_tensor_model_parallel_rank(),
-                                       parallel_state.get_tensor_model_parallel_world_size())
-        local = (dense_logits - reference.to(dense_logits.device)).abs().max().item()
+    if logits is not None:
+        local = (logits - expected.to(logits.device)).abs().max().item()
     return {"max": _all_reduce(local), "folder": str(folder)}
 
 
@@ -178,7 +192,14 @@ def verdict(result: dict) -> tuple[list[str], bool]:
     else:
         lines.append(f"OK: the upcycled model reproduces the dense logits within {result['tolerance']:.2e} "
                      f"({tolerance_rule(result['dtype'])})")
+    if imported is not None and result["tolerance"] is not None:
+        # Two computations apart from transformers' by rounding each: twice the tolerance.
+        ok = imported["upcycled_max"] <= 2 * result["tolerance"]
+        failed |= not ok
+        lines.append(f"{'OK' if ok else 'FAILED'}: the upcycled model vs transformers' dense model: max abs logit "
+                     f"difference {imported['upcycled_max']:.3e} (tolerance {2 * result['tolerance']:.2e})")
     if imported is not None:
-        lines.append(f"import_max_abs_logit_diff={imported['max']:.6e}")
+        lines.append(f"import_max_abs_logit_diff={imported['max']:.6e} "
+                     f"upcycled_vs_transformers_max_abs_logit_diff={imported['upcycled_max']:.6e}")
     lines.append(f"max_abs_logit_diff={result['max']:.6e} mean_abs_logit_diff={result['mean']:.6e}")
     return lines, failed
