@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from nemo_upcycle.config.compose import compose_config
 from nemo_upcycle.config.validate import collect_problems

@@ -57,9 +57,6 @@ FAMILIES = {
     "qwen2": Family(True, False, sliding_window_switch=True),  # Qwen2, Qwen2.5
     "qwen3": Family(False, True, sliding_window_switch=True),  # Qwen3 dense
 }
-# MoE model types read back (this project's own exports, through import_dense): each is a
-# dense family's attention with MoE FFNs (checkpoint/hf/read_back.py).
-MOE_READ_BACK = ("mixtral", "qwen2_moe", "qwen3_moe", "glm4_moe")
 
 
 class ArchitectureError(UserError):
@@ -121,7 +118,7 @@ def stated_by_hf_config(config: dict, where: str = "config.json") -> dict:
         raise ArchitectureError(
             f"{where}: model_type={model_type!r} is not supported; nemo-upcycle reads "
             f"{', '.join(FAMILIES)} (Llama 2/3.x, SmolLM2, TinyLlama, Mistral, Qwen2/2.5, Qwen3) "
-            f"dense models, and {', '.join(MOE_READ_BACK)} folders written by its own export"
+            "dense models, and the MoE folders its own export writes (README, Export)"
         )
     problems = []
     if config.get("hidden_act", "silu") != "silu":

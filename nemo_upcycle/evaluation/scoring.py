@@ -12,7 +12,7 @@ the positions that are read are exact whatever the padding.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Protocol, Sequence
+from typing import Protocol, Sequence
 
 import torch
 

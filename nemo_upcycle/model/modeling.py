@@ -272,5 +272,10 @@ def build_model_chunks(cfg: Any, config=None) -> list:
             vp_stage=vp,
         )
         apply_rope_scaling(chunk, arch)
+        if gpu_available():
+            # As megatron-core's own get_model (and NeMo's MegatronParallel) do: not every module
+            # allocates on the GPU itself (megatron-core 0.15.3's shared-expert gate_weight is
+            # created on the host whatever use_cpu_initialization says).
+            chunk.cuda(torch.cuda.current_device())
         chunks.append(chunk)
     return chunks

@@ -19,9 +19,8 @@ from typing import Optional
 import torch
 
 from nemo_upcycle.checkpoint.hf.mapping import LlamaShape, hf_factors
-from nemo_upcycle.checkpoint.hf.moe_layouts import INERT
-from nemo_upcycle.checkpoint.hf.read_back import (MoeFolderError, MoeReadBack, read_shared_expert,
-                                                  stated_by_hf_folder_config)
+from nemo_upcycle.checkpoint.hf.moe_layouts import INERT, MoeFolderError, MoeReadBack
+from nemo_upcycle.checkpoint.hf.read_back import read_shared_expert, stated_by_hf_folder_config
 from nemo_upcycle.checkpoint.sources.torch_dist import MODEL_INFO
 from nemo_upcycle.checkpoint.hf.tokenizer_files import is_gguf_copy
 from nemo_upcycle.errors import UserError

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 from nemo_upcycle.checkpoint.architecture import Architecture
-from nemo_upcycle.checkpoint.hf.moe_layouts import (FIXED_GATE_FACTOR, GATED, INERT, UNGATED, hf_shared_expert_width,
-                                                    layout, shared_expert_kind)
+from nemo_upcycle.checkpoint.hf.export_targets import moe_layout as moe_layout_of
+from nemo_upcycle.checkpoint.hf.moe_layouts import FIXED_GATE_FACTOR, GATED, INERT, UNGATED, shared_expert_kind
 from nemo_upcycle.model.megatron_keys import (
     ATTN_NORM,
     Canonical,
@@ -97,7 +97,7 @@ class LlamaShape:
             return dense
         if moe_layout is None:
             raise ValueError("an MoE model's HF shape needs the layout of its MoE layers")
-        kind, width = shared_expert_kind(spec), hf_shared_expert_width(spec, moe_layout)
+        kind, width = shared_expert_kind(spec), moe_layout_of(moe_layout).hf_shared_width(spec)
         return replace(dense, ffn_hidden_size=spec.expert_ffn_hidden_size, dense_ffn_hidden_size=arch.ffn_hidden_size,
                        num_experts=spec.num_experts, moe_layers=list(spec.moe_layers), moe_layout=moe_layout,
                        shared_expert=kind, shared_expert_width=width)
@@ -152,7 +152,7 @@ def llama_boxes(shape: LlamaShape) -> list[Box]:
         boxes.append(_rows_box(p + "self_attn.o_proj.weight", (i, PROJ, None), h))
         boxes.append(_rows_box(p + "post_attention_layernorm.weight", (i, MLP_NORM, None), h))
         if shape.is_moe_layer(i):
-            f, lay = shape.ffn_hidden_size, layout(shape.moe_layout)
+            f, lay = shape.ffn_hidden_size, moe_layout_of(shape.moe_layout)
             if not lay.holds(shape.shared_expert):  # export_targets refuses this before any mapping
                 raise ValueError(f"{lay.model_type} holds no {shape.shared_expert} shared expert")
             boxes.append(_rows_box(lay.router(p), (i, ROUTER, None), shape.num_experts))
@@ -200,7 +200,7 @@ def hf_shapes(shape: LlamaShape) -> dict[str, tuple[int, ...]]:
         out[p + "self_attn.o_proj.weight"] = (h, shape.num_attention_heads * d)
         out[p + "post_attention_layernorm.weight"] = (h,)
         if shape.is_moe_layer(i):
-            f, lay = shape.ffn_hidden_size, layout(shape.moe_layout)
+            f, lay = shape.ffn_hidden_size, moe_layout_of(shape.moe_layout)
             out[lay.router(p)] = (shape.num_experts, h)
             if lay.router_bias:
                 out[lay.router_bias_name(p)] = (shape.num_experts,)
@@ -230,7 +230,7 @@ def inert_shapes(shape: LlamaShape) -> dict[str, tuple[int, ...]]:
 def zero_tensors(shape: LlamaShape) -> list[str]:
     """Of :func:`inert_shapes`, those whose zeros the folder needs to compute the megatron model
     (the others need only be finite: 0 times them is 0)."""
-    lay = layout(shape.moe_layout)
+    lay = moe_layout_of(shape.moe_layout)
     return [name for i in shape.moe_layers if shape.is_moe_layer(i)
             for name in lay.zero_tensors(f"model.layers.{i}.", shape.shared_expert)]
 
@@ -239,7 +239,7 @@ def hf_factors(shape: LlamaShape) -> dict[Canonical, float]:
     """Megatron tensors the HF folder stores times a factor (export multiplies, import divides):
     an ungated shared expert's down projection behind Qwen2-MoE's gate fixed at sigmoid(0) = 1/2.
     Powers of two, so both directions are exact."""
-    if shape.shared_expert != UNGATED or layout(shape.moe_layout).shared_gate is None:
+    if shape.shared_expert != UNGATED or moe_layout_of(shape.moe_layout).shared_gate is None:
         return {}
     return {(i, SHARED_FC2, None): FIXED_GATE_FACTOR for i in shape.moe_layers if shape.is_moe_layer(i)}
 

@@ -1,10 +1,11 @@
 """How each Hugging Face MoE architecture names an MoE layer's tensors, and how it holds a shared expert.
 
-One row per ``model_type`` nemo-upcycle writes and reads back. A row spells the router (and
-its selection bias), the experts' SwiGLU projections and the shared expert the architecture
-always runs (Qwen2-MoE: ``shared_expert`` behind a sigmoid gate ``shared_expert_gate``;
-GLM-4-MoE: ``shared_experts``, ungated); :mod:`nemo_upcycle.checkpoint.hf.mapping` turns it
-into row boxes. An architecture's shared expert holds megatron-core's in one of three ways:
+Each MoE export target's row (checkpoint/hf/export_targets.py) holds one :class:`MoeLayout`.
+It spells the router (and its selection bias), the experts' SwiGLU projections and the shared
+expert the architecture always runs (Qwen2-MoE: ``shared_expert`` behind a sigmoid gate
+``shared_expert_gate``; GLM-4-MoE: ``shared_experts``, ungated);
+:mod:`nemo_upcycle.checkpoint.hf.mapping` turns it into row boxes. An architecture's shared
+expert holds megatron-core's in one of three ways:
 
 * *inert* (the model has none, ``moe.shared_expert.mode=none``): its tensors are written as
   zeros; the zero down projection makes its output exactly 0 (0 times any finite number),
@@ -15,14 +16,17 @@ into row boxes. An architecture's shared expert holds megatron-core's in one of 
   the gate is written as zeros and the down projection times :data:`FIXED_GATE_FACTOR` = 2:
   sigmoid(0) is exactly 1/2 in every floating-point format, and scaling by a power of two
   commutes with every rounding of the products and sums (away from overflow and the subnormal
-  range, 2^-126 in fp32 and bf16), so 1/2 · (x·2W) is x·W bit for bit. Import halves it back (exact too) when ``config.json`` records the model as ungated
+  range, 2^-126 in fp32 and bf16), so 1/2 · (x·2W) is x·W bit for bit. Import halves it back
+  (exact too) when ``config.json`` records the model as ungated
   (``nemo_upcycle.shared_expert.gate=false``) and the gate is zero: a gated model's gate is
   zero at step 0 as well, so the tensors alone could not say which the folder holds.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
+
+from nemo_upcycle.errors import UserError
 
 # Width of the inert shared expert Qwen2-MoE insists on. Its down projection is zero, so its
 # output is exactly 0 whatever the width (0 times any finite number); one row keeps it small.
@@ -91,6 +95,14 @@ class MoeLayout:
             return [self.shared_proj(prefix, self.down)]
         return [self.shared_gate_name(prefix)] if self.shared_gate else []
 
+    def hf_shared_width(self, spec) -> int:
+        """The width this layer's shared expert is written with: the model's (UpcycleSpec), or
+        where it has none the inert one's: one routed expert's width where the width counts in
+        those (GLM-4-MoE), else :data:`INERT_SHARED_EXPERT_WIDTH`."""
+        if spec.has_shared_expert:
+            return spec.shared_ffn_hidden_size
+        return spec.expert_ffn_hidden_size if self.shared_in_routed_widths else INERT_SHARED_EXPERT_WIDTH
+
     def shared_shapes(self, prefix: str, hidden: int, width: int) -> dict[str, tuple[int, ...]]:
         """The shared expert's tensors of one MoE layer (empty when the architecture has none)."""
         if not self.shared:
@@ -102,24 +114,49 @@ class MoeLayout:
         return out
 
 
-LAYOUTS = {
-    "mixtral": MoeLayout("mixtral", "block_sparse_moe", "w1", "w3", "w2"),
-    "qwen2_moe": MoeLayout("qwen2_moe", "mlp", "gate_proj", "up_proj", "down_proj", shared="shared_expert",
-                           shared_gate="shared_expert_gate"),
-    "qwen3_moe": MoeLayout("qwen3_moe", "mlp", "gate_proj", "up_proj", "down_proj"),
-    "glm4_moe": MoeLayout("glm4_moe", "mlp", "gate_proj", "up_proj", "down_proj", shared="shared_experts",
-                          shared_in_routed_widths=True, router_bias="e_score_correction_bias"),
-}
+# What an MoE folder reads back as (checkpoint/hf/read_back.py; each target's row reads its own
+# config.json keys into one: checkpoint/hf/export_targets.py).
+
+class MoeFolderError(UserError):
+    """An MoE folder whose model megatron-core's MoE here cannot represent exactly."""
 
 
-def layout(model_type: Optional[str]) -> MoeLayout:
-    return LAYOUTS[model_type or "mixtral"]
+@dataclass
+class MoeReadBack:
+    num_experts: int = 0  # per MoE layer, as megatron-core counts them (E·G)
+    topk: int = 0
+    moe_layers: list = field(default_factory=list)
+    expert_ffn_hidden_size: int = 0
+    dense_ffn_hidden_size: int = 0
+    granularity: int = 1
+    router: str = "topk_softmax"
+    layout: str = "mixtral"
+    shared_expert_width: int = 1  # of the HF shared expert, live or inert
+    # megatron-core's shared expert (moe.shared_expert.*): none, copy (the dense FFN) or slices
+    # (S of its G slices); gated by a sigmoid or not. Set by read_back.read_shared_expert.
+    shared_mode: str = "none"
+    shared_slices: int = 0
+    shared_gate: bool = False
 
+    @property
+    def shared_expert(self) -> str:
+        """How the folder's shared expert holds megatron-core's (INERT, GATED, UNGATED above)."""
+        if self.shared_mode == "none":
+            return INERT
+        return GATED if self.shared_gate else UNGATED
 
-def hf_shared_expert_width(spec, model_type: str) -> int:
-    """The width of the shared expert an MoE layer of ``model_type`` is written with: the model's
-    (UpcycleSpec), or where it has none the inert one's: one routed expert's width where the
-    width counts in those (GLM-4-MoE), else :data:`INERT_SHARED_EXPERT_WIDTH`."""
-    if spec.has_shared_expert:
-        return spec.shared_ffn_hidden_size
-    return spec.expert_ffn_hidden_size if layout(model_type).shared_in_routed_widths else INERT_SHARED_EXPERT_WIDTH
+    @property
+    def routed_slices(self) -> int:
+        """Slices of the dense FFN each group of routed experts holds: G, or G - S beside S shared ones."""
+        return self.granularity - self.shared_slices
+
+    def coarse(self) -> tuple[int, int]:
+        """(moe.num_experts, moe.topk) of the configuration with this granularity and shared expert."""
+        return self.num_experts // self.routed_slices, self.topk // self.routed_slices
+
+    def shared_overrides(self) -> list[str]:
+        """The ``moe.shared_expert.*`` overrides of the configuration (none without a shared expert)."""
+        if self.shared_mode == "none":
+            return []
+        return ([f"moe.shared_expert.mode={self.shared_mode}", f"moe.shared_expert.gate={str(self.shared_gate).lower()}"]
+                + ([f"moe.shared_expert.slices={self.shared_slices}"] if self.shared_mode == "slices" else []))

@@ -11,114 +11,21 @@ MoE here cannot hold (a shared expert of another width, a routing with no router
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Optional
 
 import torch
 
-from nemo_upcycle.checkpoint.architecture import MOE_READ_BACK, stated_by_hf_config
-from nemo_upcycle.checkpoint.hf.moe_layouts import GATED, INERT, SHARED_EXPERT_RECORD, UNGATED, layout
-from nemo_upcycle.errors import UserError
-from nemo_upcycle.upcycle.routers import router_computing
-
-
-class MoeFolderError(UserError):
-    """An MoE folder whose model megatron-core's MoE here cannot represent exactly."""
-
-
-@dataclass
-class MoeReadBack:
-    num_experts: int = 0  # per MoE layer, as megatron-core counts them (E·G)
-    topk: int = 0
-    moe_layers: list = field(default_factory=list)
-    expert_ffn_hidden_size: int = 0
-    dense_ffn_hidden_size: int = 0
-    granularity: int = 1
-    router: str = "topk_softmax"
-    layout: str = "mixtral"
-    shared_expert_width: int = 1  # of the HF shared expert, live or inert
-    # megatron-core's shared expert (moe.shared_expert.*): none, copy (the dense FFN) or slices
-    # (S of its G slices); gated by a sigmoid or not. Set by read_shared_expert.
-    shared_mode: str = "none"
-    shared_slices: int = 0
-    shared_gate: bool = False
-
-    @property
-    def shared_expert(self) -> str:
-        """How the folder's shared expert holds megatron-core's (hf/moe_layouts.py)."""
-        if self.shared_mode == "none":
-            return INERT
-        return GATED if self.shared_gate else UNGATED
-
-    @property
-    def routed_slices(self) -> int:
-        """Slices of the dense FFN each group of routed experts holds: G, or G - S beside S shared ones."""
-        return self.granularity - self.shared_slices
-
-    def coarse(self) -> tuple[int, int]:
-        """(moe.num_experts, moe.topk) of the configuration with this granularity and shared expert."""
-        return self.num_experts // self.routed_slices, self.topk // self.routed_slices
-
-    def shared_overrides(self) -> list[str]:
-        """The ``moe.shared_expert.*`` overrides of the configuration (none without a shared expert)."""
-        if self.shared_mode == "none":
-            return []
-        return ([f"moe.shared_expert.mode={self.shared_mode}", f"moe.shared_expert.gate={str(self.shared_gate).lower()}"]
-                + ([f"moe.shared_expert.slices={self.shared_slices}"] if self.shared_mode == "slices" else []))
-
-
-def _family(config: dict) -> str:
-    if config["model_type"] == "mixtral":
-        return "llama"
-    if config["model_type"] == "qwen2_moe":
-        # Written for a Llama with qkv_bias=false; transformers' default is the Qwen2 attention.
-        return "qwen2" if config.get("qkv_bias", True) else "llama"
-    if config["model_type"] == "glm4_moe":
-        # attention_bias is on q/k/v only (Qwen2's), use_qk_norm is Qwen3's q/k norm.
-        return "qwen3" if config.get("use_qk_norm") else "qwen2" if config.get("attention_bias") else "llama"
-    return "qwen3"
-
-
-def _glm4_moe(config: dict, where: str) -> MoeReadBack:
-    """GLM-4-MoE as nemo-upcycle writes it: megatron-core's sigmoid router with an expert bias."""
-    layers, experts, topk = int(config["num_hidden_layers"]), int(config["n_routed_experts"]), int(config["num_experts_per_tok"])
-    problems = [f"{k}={config.get(k)} (megatron-core's router here computes {v})" for k, v in
-                (("n_group", 1), ("topk_group", 1), ("routed_scaling_factor", 1.0), ("norm_topk_prob", topk > 1))
-                if config.get(k) != v]
-    if problems:
-        raise MoeFolderError(f"{where}: a GLM-4-MoE routing megatron-core's {router_computing('sigmoid_bias')} "
-                             "router does not compute: "
-                             + "; ".join(problems))
-    width, k = int(config["moe_intermediate_size"]), int(config.get("first_k_dense_replace", 0) or 0)
-    return MoeReadBack(experts, topk, list(range(k, layers)), width, int(config["intermediate_size"]),
-                       router=router_computing("sigmoid_bias"), layout="glm4_moe",
-                       shared_expert_width=width * int(config.get("n_shared_experts", 0) or 0))
-
-
-def _qwen_moe_layers(config: dict, layers: int, experts: int) -> list[int]:
-    """transformers' rule (Qwen2MoeDecoderLayer): MoE unless in mlp_only_layers, every decoder_sparse_step-th."""
-    dense = set(config.get("mlp_only_layers") or [])
-    step = int(config.get("decoder_sparse_step", 1) or 1)
-    return [i for i in range(layers) if experts > 0 and i not in dense and (i + 1) % step == 0]
+from nemo_upcycle.checkpoint.architecture import stated_by_hf_config
+from nemo_upcycle.checkpoint.hf.export_targets import MOE_TARGETS, moe_layout
+from nemo_upcycle.checkpoint.hf.moe_layouts import SHARED_EXPERT_RECORD, MoeFolderError, MoeReadBack
 
 
 def read_back(config: dict, where: str) -> tuple[dict, MoeReadBack]:
-    """(the dense family's config.json to state the architecture from, the MoE settings)."""
-    model_type, layers = config["model_type"], int(config["num_hidden_layers"])
-    if model_type == "mixtral":
-        experts, width = int(config.get("num_local_experts", 0) or 0), int(config["intermediate_size"])
-        moe = MoeReadBack(experts, int(config.get("num_experts_per_tok", 2) or 2), list(range(layers)), width, width)
-        return dict(config, model_type="llama"), moe
-    family = _family(config)
-    if model_type == "glm4_moe":
-        moe = _glm4_moe(config, where)
-        config = {k: v for k, v in config.items() if k != "attention_bias"}  # q/k/v only: the family says it
-    else:
-        experts = int(config.get("num_experts", 0) or 0)
-        moe = MoeReadBack(experts, int(config["num_experts_per_tok"]), _qwen_moe_layers(config, layers, experts),
-                          int(config["moe_intermediate_size"]), int(config["intermediate_size"]),
-                          router=router_computing("topk_softmax" if config.get("norm_topk_prob") else "softmax_topk"), layout=model_type,
-                          shared_expert_width=int(config.get("shared_expert_intermediate_size") or 0))
+    """(the dense family's config.json to state the architecture from, the MoE settings): the
+    target's own reading (its row in checkpoint/hf/export_targets.py), then the granularity."""
+    layers = int(config["num_hidden_layers"])
+    config, moe = MOE_TARGETS[config["model_type"]].read_back(config, where)
     width, dense_width = moe.expert_ffn_hidden_size, moe.dense_ffn_hidden_size
     if len(moe.moe_layers) < layers:
         # The layers left dense keep the dense width F; megatron-core's experts are F/G wide
@@ -130,14 +37,14 @@ def read_back(config: dict, where: str) -> tuple[dict, MoeReadBack]:
         moe.granularity = dense_width // width
     else:
         moe.dense_ffn_hidden_size = width  # no layer is dense: the experts' width is the model's FFN width
-    return dict(config, model_type=family, intermediate_size=moe.dense_ffn_hidden_size), moe
+    return dict(config, intermediate_size=moe.dense_ffn_hidden_size), moe
 
 
 def stated_by_hf_folder_config(config: dict, where: str = "config.json") -> tuple[dict, Optional[MoeReadBack]]:
     """(the architecture, its MoE settings or None) of a Hugging Face folder's ``config.json``: a
     dense family, or an MoE type nemo-upcycle writes, read as its dense family plus experts."""
     moe = None
-    if config.get("model_type") in MOE_READ_BACK:
+    if config.get("model_type") in MOE_TARGETS:
         config, moe = read_back(config, where)
     return stated_by_hf_config(config, where), moe
 
@@ -173,7 +80,7 @@ def read_shared_expert(folder, shape, moe: MoeReadBack, config: dict, where) -> 
       zero (the fixed gate of hf/moe_layouts.py: its down projection is halved back on import).
       A gate trained off zero after the export is read as the gated model the folder computes.
     """
-    lay = layout(shape.moe_layout)
+    lay = moe_layout(shape.moe_layout)
     downs = [lay.shared_proj(f"model.layers.{i}.", lay.down) for i in shape.moe_layers] if lay.shared else []
     live = [name for name in downs if bool(_tensor(folder, name).any())]
     if not live:
@@ -207,7 +114,7 @@ def _fixed_gate(folder, shape, config: dict) -> bool:
     record = (config.get("nemo_upcycle") or {}).get(SHARED_EXPERT_RECORD) or {}
     if record.get("gate", True):
         return False
-    lay = layout(shape.moe_layout)
+    lay = moe_layout(shape.moe_layout)
     return not any(bool(_tensor(folder, lay.shared_gate_name(f"model.layers.{i}.")).any()) for i in shape.moe_layers)
 
 

@@ -79,7 +79,8 @@ def stated_and_shape(config: dict, where: str) -> tuple[dict, LlamaShape]:
     an MoE FFN in every layer.
     """
     from nemo_upcycle.checkpoint.architecture import ArchitectureError
-    from nemo_upcycle.checkpoint.hf.read_back import MoeFolderError, stated_by_hf_folder_config
+    from nemo_upcycle.checkpoint.hf.moe_layouts import MoeFolderError
+    from nemo_upcycle.checkpoint.hf.read_back import stated_by_hf_folder_config
 
     try:
         stated, moe = stated_by_hf_folder_config(config, where)
